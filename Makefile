@@ -1,0 +1,61 @@
+# FAR platform. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+BUF := node_modules/.bin/buf
+PYTEST_ARGS ?=
+
+.PHONY: help install generate lint test test-unit test-integration test-e2e run bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.stamp: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+node_modules/.stamp: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+install: $(VENV)/.stamp node_modules/.stamp ## Create .venv and node_modules (a no-op when nothing changed)
+
+generate: install ## Regenerate generated/ (Python stubs, descriptor set, OpenAPI) from protos/
+	$(PY) -m tools.generate
+
+lint: install ## ruff, mypy, buf lint, buf breaking against main, generated code up to date
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BUF) lint
+	@if git rev-parse --verify --quiet main >/dev/null; then \
+		$(BUF) breaking --against '.git#branch=main'; \
+	else echo "buf breaking: no local branch main to compare against; skipped"; fi
+	$(PY) -m tools.generate --check
+
+test: lint ## Lint, then every test (unit, integration on real PostgreSQL/Redis, e2e through Envoy)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: install ## Unit tests only
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: install ## Integration tests only
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+test-e2e: install ## End-to-end tests through Envoy only
+	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+run: install ## Bring the whole platform up (embedded PostgreSQL/Redis when DATABASE_URL/REDIS_URL are unset)
+	$(PY) -m devstack up
+
+bench: install ## Benchmarks; figures go to bench/RESULTS.md and bench/results/
+	$(PY) -m bench.edge
+
+clean: ## Remove the venv, node_modules and run state
+	rm -rf $(VENV) node_modules .run .pytest_cache .mypy_cache .ruff_cache

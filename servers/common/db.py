@@ -1,0 +1,80 @@
+"""Async SQLAlchemy: one engine per process, one session (one transaction) per RPC, events after commit."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+from google.protobuf.message import Message
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from servers.common.events import EventBus
+
+log = structlog.get_logger("far.db")
+
+
+def async_url(url: str) -> str:
+    """`postgresql://` (or `postgres://`) as SQLAlchemy's asyncpg URL; unix-socket `?host=` URLs included."""
+    parts = urlsplit(url)
+    if parts.scheme in ("postgresql", "postgres"):
+        parts = parts._replace(scheme="postgresql+asyncpg")
+    return urlunsplit(parts)
+
+
+def sync_url(url: str) -> str:
+    """The same database for tools that want a plain `postgresql://` URL (psql, pg_dump)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(scheme="postgresql"))
+
+
+@dataclass
+class UnitOfWork:
+    """The session of one RPC and the events it will publish once its transaction has committed."""
+
+    session: AsyncSession
+    pending_events: list[tuple[str, Message]] = field(default_factory=list)
+
+    def publish(self, topic: str, event: Message) -> None:
+        self.pending_events.append((topic, event))
+
+
+class Database:
+    """The engine and the transaction boundary every service uses."""
+
+    def __init__(self, url: str, *, events: EventBus | None = None, pool_size: int = 10) -> None:
+        self.engine: AsyncEngine = create_async_engine(
+            async_url(url), pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        )
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        self._events = events
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[UnitOfWork]:
+        """Commit once when the block succeeds, roll back when it raises; then publish its events.
+
+        Services only flush; nothing reaches Redis unless the transaction committed.
+        """
+        async with self._sessions() as session, session.begin():
+            unit = UnitOfWork(session)
+            yield unit
+        if unit.pending_events and self._events is not None:
+            for topic, event in unit.pending_events:
+                try:
+                    await self._events.publish(topic, event)
+                except Exception:
+                    log.exception("event not published after commit", topic=topic)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts)

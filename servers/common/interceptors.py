@@ -1,0 +1,246 @@
+"""Server interceptors, outermost first: request id -> observability -> auth -> error mapping.
+
+Observability sits outside auth so that rejected calls are counted and logged too.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from grpc_status import rpc_status
+from opentelemetry import propagate, trace
+
+from servers.common.auth import TokenVerifier
+from servers.common.context import principal_var, request_id_var
+from servers.common.errors import DomainError, Unauthenticated, to_rpc_status
+from servers.common.errors import internal_status as _internal_status
+from servers.common.observability import RPC_HANDLED, RPC_LATENCY
+
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+
+_UNOBSERVED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+log = structlog.get_logger("far.rpc")
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+async def abort_with_error(context: grpc.aio.ServicerContext[Any, Any], error: DomainError, domain: str) -> None:
+    """End the RPC with the google.rpc.Status of a domain error (raises grpc.aio.AbortError)."""
+    await context.abort_with_status(rpc_status.to_status(to_rpc_status(error, domain)))
+
+
+class AroundInterceptor(grpc.aio.ServerInterceptor):
+    """Base for interceptors that run code around every call: override `unary` and `stream`."""
+
+    def skip(self, method: str) -> bool:
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or self.skip(details.method):
+            return handler
+        method = details.method
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        # grpc.aio tells coroutines and async generators apart by inspecting the function, so the
+        # wrappers must be real `async def` functions, not lambdas returning coroutines.
+        unary_inner: UnaryBehavior | None = handler.unary_unary or handler.stream_unary
+        if unary_inner is not None:
+            inner_unary = unary_inner
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                return await self.unary(method, inner_unary, request, context)
+
+            if handler.unary_unary:
+                return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+            return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+
+        inner_stream: StreamBehavior = handler.unary_stream or handler.stream_stream
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async for response in self.stream(method, inner_stream, request, context):
+                yield response
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
+
+    async def unary(
+        self, method: str, behavior: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        return await behavior(request, context)
+
+    async def stream(
+        self, method: str, behavior: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        async for response in behavior(request, context):
+            yield response
+
+
+class RequestIdInterceptor(AroundInterceptor):
+    """Takes `x-request-id` from the caller (Envoy sets one) or makes one, for logs and error details."""
+
+    def _bind(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        request_id_var.set(_metadata(context, "x-request-id") or uuid.uuid4().hex)
+
+    async def unary(
+        self, method: str, behavior: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        self._bind(context)
+        return await behavior(request, context)
+
+    async def stream(
+        self, method: str, behavior: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        self._bind(context)
+        async for response in behavior(request, context):
+            yield response
+
+
+class ObservabilityInterceptor(AroundInterceptor):
+    """Prometheus counters and latency, one log line per failed call, and a server span when tracing is on."""
+
+    def __init__(self, *, tracing: bool) -> None:
+        self._tracer = trace.get_tracer("far.grpc") if tracing else None
+
+    def skip(self, method: str) -> bool:
+        return method.startswith(_UNOBSERVED_PREFIXES)
+
+    def _finish(self, method: str, started: float, context: grpc.aio.ServicerContext[Any, Any], failed: bool) -> None:
+        service, _, name = method[1:].rpartition("/")
+        code = context.code() if failed else None
+        code_name = "OK" if code is None else code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+        if failed and code_name == "OK":
+            code_name = "CANCELLED"
+        elapsed = time.perf_counter() - started
+        RPC_HANDLED.labels(service, name, code_name).inc()
+        RPC_LATENCY.labels(service, name).observe(elapsed)
+        if code_name != "OK":
+            log.info("rpc failed", method=method, code=code_name, duration_ms=round(elapsed * 1000, 2))
+
+    def _span(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        assert self._tracer is not None
+        carrier = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        return self._tracer.start_as_current_span(
+            method, context=propagate.extract(carrier), kind=trace.SpanKind.SERVER
+        )
+
+    async def unary(
+        self, method: str, behavior: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        started = time.perf_counter()
+        failed = True
+        try:
+            if self._tracer is None:
+                response = await behavior(request, context)
+            else:
+                with self._span(method, context):
+                    response = await behavior(request, context)
+            failed = False
+            return response
+        finally:
+            self._finish(method, started, context, failed)
+
+    async def stream(
+        self, method: str, behavior: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        failed = True
+        try:
+            async for response in behavior(request, context):
+                yield response
+            failed = False
+        finally:
+            self._finish(method, started, context, failed)
+
+
+class AuthInterceptor(AroundInterceptor):
+    """Verifies `authorization: Bearer <jwt>` when present and puts the caller in a contextvar.
+
+    A call without a token runs as ANONYMOUS; each service decides what anonymous callers may do.
+    A bad or expired token is UNAUTHENTICATED before the service sees the call.
+    """
+
+    def __init__(self, verifier: TokenVerifier, domain: str) -> None:
+        self._verifier = verifier
+        self._domain = domain
+
+    def skip(self, method: str) -> bool:
+        return method.startswith(_UNOBSERVED_PREFIXES)
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        header = _metadata(context, "authorization")
+        if header is None:
+            return
+        scheme, _, token = header.partition(" ")
+        try:
+            if scheme.lower() != "bearer" or not token:
+                raise Unauthenticated("the authorization header must be 'Bearer <token>'", reason="TOKEN_INVALID")
+            principal_var.set(self._verifier.verify(token.strip()))
+        except DomainError as error:
+            await abort_with_error(context, error, self._domain)
+
+    async def unary(
+        self, method: str, behavior: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        await self._authenticate(context)
+        return await behavior(request, context)
+
+    async def stream(
+        self, method: str, behavior: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await self._authenticate(context)
+        async for response in behavior(request, context):
+            yield response
+
+
+class ErrorInterceptor(AroundInterceptor):
+    """Turns domain errors into google.rpc.Status; anything unexpected into INTERNAL without internals."""
+
+    def __init__(self, domain: str) -> None:
+        self._domain = domain
+
+    async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str) -> None:
+        if isinstance(error, DomainError):
+            await abort_with_error(context, error, self._domain)
+        log.exception("unhandled error", method=method)
+        status = _internal_status(self._domain, request_id_var.get())
+        await context.abort_with_status(rpc_status.to_status(status))
+
+    async def unary(
+        self, method: str, behavior: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await self._fail(context, error, method)
+
+    async def stream(
+        self, method: str, behavior: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await self._fail(context, error, method)

@@ -1,0 +1,201 @@
+"""The one `serve()` every server uses: settings, infra clients, interceptors, health, reflection, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from redis.asyncio import Redis
+
+from servers.common.auth import TokenVerifier
+from servers.common.config import ConfigError, Settings
+from servers.common.db import Database, redact
+from servers.common.events import EventBus
+from servers.common.interceptors import (
+    AuthInterceptor,
+    ErrorInterceptor,
+    ObservabilityInterceptor,
+    RequestIdInterceptor,
+)
+from servers.common.observability import configure_logging, configure_tracing, start_metrics_server
+from servers.common.pagination import PageTokens
+
+log = structlog.get_logger("far.server")
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class Runtime:
+    """What a service's setup gets: settings and the shared clients, created once per process."""
+
+    settings: Settings
+    page_tokens: PageTokens
+    database: Database | None = None
+    redis: Redis | None = None
+    events: EventBus | None = None
+    _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Run `closer` at shutdown, after the server stopped taking calls (last registered, first run)."""
+        self._closers.append(closer)
+
+    async def close(self) -> None:
+        for closer in reversed(self._closers):
+            try:
+                await closer()
+            except Exception:
+                log.exception("error while closing")
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """How to build one server: its name, default port, full gRPC service names, and a setup function."""
+
+    name: str
+    default_port: int
+    service_names: Sequence[str]
+    setup: Callable[[grpc.aio.Server, Runtime], Awaitable[None]]
+    uses_database: bool = True
+    uses_redis: bool = True
+
+
+def _database_url(settings: Settings) -> str:
+    if settings.database_url:
+        return settings.database_url
+    from servers.common.embedded import ensure_postgres
+
+    url = ensure_postgres(settings.data_dir / "postgres")
+    log.warning("DATABASE_URL is not set: using the embedded PostgreSQL", url=redact(url))
+    return url
+
+
+def _redis_url(settings: Settings) -> str:
+    if settings.redis_url:
+        return settings.redis_url
+    from servers.common.embedded import ensure_redis
+
+    url = ensure_redis(settings.data_dir / "redis").url
+    log.warning("REDIS_URL is not set: using the embedded Redis", url=url)
+    return url
+
+
+async def build_runtime(spec: ServiceSpec, settings: Settings) -> Runtime:
+    runtime = Runtime(settings=settings, page_tokens=PageTokens(settings.page_token_secret))
+    if spec.uses_redis:
+        redis = Redis.from_url(_redis_url(settings), decode_responses=False)
+        runtime.redis = redis
+        runtime.events = EventBus(redis, settings.redis_key_prefix)
+        runtime.on_close(redis.aclose)
+    if spec.uses_database:
+        database = Database(_database_url(settings), events=runtime.events)
+        runtime.database = database
+        runtime.on_close(database.close)
+    return runtime
+
+
+def _write_ready_file(path: Path, grpc_port: int, metrics_port: int | None) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"grpc_port": grpc_port, "metrics_port": metrics_port, "pid": os.getpid()}))
+    tmp.replace(path)
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound port, runtime and health servicer; `stop()` drains and closes it."""
+
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int | None
+    runtime: Runtime
+    health: health.aio.HealthServicer
+
+    async def stop(self) -> None:
+        settings = self.runtime.settings
+        log.info("draining", grace_s=settings.shutdown_grace_s)
+        try:
+            await self.health.enter_graceful_shutdown()
+            await asyncio.sleep(settings.drain_delay_s)
+            await self.server.stop(settings.shutdown_grace_s)
+        finally:
+            await self.runtime.close()
+            log.info("stopped")
+
+
+async def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:
+    """Build the server with the common interceptors, health and reflection, and start it."""
+    tracing = configure_tracing(spec.name, settings.traces_exporter)
+    domain = settings.error_domain
+    server = grpc.aio.server(
+        interceptors=[
+            RequestIdInterceptor(),
+            ObservabilityInterceptor(tracing=tracing),
+            AuthInterceptor(TokenVerifier(settings.jwt_keys), domain),
+            ErrorInterceptor(domain),
+        ],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    runtime = await build_runtime(spec, settings)
+    try:
+        await spec.setup(server, runtime)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection([*spec.service_names, health_name, reflection.SERVICE_NAME], server)
+        port = server.add_insecure_port(settings.grpc_listen)
+        if port == 0:
+            raise ConfigError(f"GRPC_LISTEN={settings.grpc_listen}: the address cannot be bound")
+        metrics_port = start_metrics_server(settings.metrics_listen) if settings.metrics_listen else None
+        await server.start()
+    except BaseException:
+        await runtime.close()
+        raise
+    for name in ("", *spec.service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    host = settings.grpc_listen.rpartition(":")[0]
+    log.info("serving", grpc=f"{host}:{port}", metrics_port=metrics_port, services=list(spec.service_names))
+    return RunningServer(server, port, metrics_port, runtime, health_servicer)
+
+
+async def serve_async(spec: ServiceSpec, settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT, then stop taking calls, drain and close everything."""
+    running = await start_server(spec, settings)
+    try:
+        if settings.ready_file:
+            _write_ready_file(settings.ready_file, running.port, running.metrics_port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await running.stop()
+
+
+def run(spec: ServiceSpec) -> None:
+    """Entry point of `python -m servers.<service>`: exit 2 with one line on a configuration error."""
+    try:
+        settings = Settings.from_env(spec.name, spec.default_port)
+    except ConfigError as error:
+        print(f"far-{spec.name}: configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.service_name, settings.log_level, settings.log_format)
+    try:
+        asyncio.run(serve_async(spec, settings))
+    except ConfigError as error:
+        print(f"far-{spec.name}: configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
