@@ -1,0 +1,290 @@
+"""Bring the FAR platform up on one machine, or render Envoy's config.
+
+    python -m devstack up                       (what `make run` does)
+    python -m devstack render-envoy --out FILE
+
+`up` uses embedded PostgreSQL and Redis when DATABASE_URL / REDIS_URL are unset (data in
+.run/data/), keeps a generated JWT_SECRET in .run/jwt_secret, runs the migrations, starts every
+implemented server and Envoy on the default ports, prints the endpoints and waits. Ctrl-C or SIGTERM
+stops servers, then Envoy, then the embedded PostgreSQL/Redis it started.
+
+Port overrides: <SERVICE>_GRPC_PORT, <SERVICE>_METRICS_PORT (e.g. GAMED_GRPC_PORT), ENVOY_HTTP_PORT,
+ENVOY_ADMIN_PORT. DEVSTACK_HOST is where servers listen (127.0.0.1), ENVOY_LISTEN_HOST where
+Envoy's web listener does (127.0.0.1; 0.0.0.0 to reach it from other machines), DEVSTACK_SERVICES a
+comma-separated subset of services to start, DEVSTACK_RUN_DIR the state directory (.run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+
+from devstack import catalog
+from devstack import envoy as envoy_config
+from devstack.processes import PortInUse, ProcessDied, require_free_ports
+from devstack.stack import EndpointRow, Stack, run_migrations, wait_healthy
+from servers.common.embedded import EmbeddedServer, EmbeddedStartError, ensure_redis, start_postgres
+
+DATABASE_NAME = "far"
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise _Interrupted(signum)
+
+
+def _still_stopping(signum: int, frame: FrameType | None) -> None:
+    print("devstack: already stopping; every process gets SIGKILL after 15 s", flush=True)
+
+
+class Console:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.2f}s] {line}", flush=True)
+
+
+def _rel(path: Path) -> str:
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+def _env_port(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise SystemExit(f"devstack: {name}={raw!r} is not a port number")
+    return int(raw)
+
+
+def _jwt_secret(run_dir: Path) -> str:
+    path = run_dir / "jwt_secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48) + "\n")
+    return path.read_text().strip()
+
+
+def _selected_services() -> list[catalog.Service]:
+    raw = os.environ.get("DEVSTACK_SERVICES", "")
+    if not raw:
+        return catalog.implemented_services()
+    try:
+        chosen = [catalog.get(name.strip()) for name in raw.split(",") if name.strip()]
+    except KeyError as exc:
+        raise SystemExit(f"devstack: DEVSTACK_SERVICES: {exc.args[0]}") from None
+    missing = [s.name for s in chosen if not s.implemented]
+    if missing:
+        raise SystemExit(f"devstack: DEVSTACK_SERVICES names services without a server: {', '.join(missing)}")
+    return chosen
+
+
+def _table(rows: Sequence[EndpointRow], envoy_url: str) -> str:
+    header = EndpointRow("service", "gRPC", f"REST paths (via {envoy_url})", "metrics", "health")
+    fields: list[Callable[[EndpointRow], str]] = [
+        lambda r: r.service,
+        lambda r: r.grpc,
+        lambda r: r.rest,
+        lambda r: r.metrics,
+        lambda r: r.health,
+    ]
+    widths = [max(len(get(r)) for r in [header, *rows]) for get in fields]
+    lines = []
+    for row in [header, *rows]:
+        lines.append("  ".join(get(row).ljust(w) for get, w in zip(fields, widths, strict=True)).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    say = Console()
+    run_dir = Path(os.environ.get("DEVSTACK_RUN_DIR") or catalog.ROOT / ".run").resolve()
+    data_dir, log_dir = run_dir / "data", run_dir / "logs"
+    host = os.environ.get("DEVSTACK_HOST", "127.0.0.1")
+    envoy_host = os.environ.get("ENVOY_LISTEN_HOST", "127.0.0.1")
+    services = _selected_services()
+    grpc_ports = {s.name: _env_port(f"{s.name.upper()}_GRPC_PORT", s.grpc_port) for s in services}
+    metrics_ports = {s.name: _env_port(f"{s.name.upper()}_METRICS_PORT", s.metrics_port) for s in services}
+    web_port = _env_port("ENVOY_HTTP_PORT", catalog.ENVOY_WEB_PORT)
+    admin_port = _env_port("ENVOY_ADMIN_PORT", catalog.ENVOY_ADMIN_PORT)
+
+    embedded: list[EmbeddedServer] = []
+    stack: Stack | None = None
+    status = 0
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        # Everything that can be checked before anything starts is checked first.
+        fixed = {f"{name} gRPC, {name.upper()}_GRPC_PORT": port for name, port in grpc_ports.items()}
+        fixed |= {f"{name} metrics, {name.upper()}_METRICS_PORT": port for name, port in metrics_ports.items()}
+        require_free_ports(host, fixed)
+        require_free_ports(envoy_host, {"Envoy web listener, ENVOY_HTTP_PORT": web_port})
+        require_free_ports(envoy_config.ADMIN_HOST, {"Envoy admin, ENVOY_ADMIN_PORT": admin_port})
+        fds = catalog.load_descriptor_set()
+        catalog.check_descriptor(fds, require=services)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        say(f"devstack: state in {_rel(run_dir)}/, logs in {_rel(log_dir)}/")
+        if not services:
+            say("services: none implemented yet; Envoy answers UNIMPLEMENTED for every service")
+
+        env: dict[str, str] = {}
+        if not os.environ.get("FAR_DATA_DIR"):
+            env["FAR_DATA_DIR"] = str(data_dir)
+        if os.environ.get("DATABASE_URL"):
+            say("postgres: using DATABASE_URL")
+        else:
+            say(f"postgres: starting embedded PostgreSQL 16 in {_rel(data_dir / 'postgres')} ...")
+            pg = start_postgres(data_dir / "postgres", database=DATABASE_NAME)
+            if pg.started:
+                embedded.append(pg)
+            say(f"postgres: {'ready' if pg.started else 'reusing a running one'} (pid {pg.pid}) {pg.url}")
+            env["DATABASE_URL"] = pg.url
+        if os.environ.get("REDIS_URL"):
+            say("redis: using REDIS_URL")
+        else:
+            say(f"redis: starting embedded Redis in {_rel(data_dir / 'redis')} ...")
+            redis = ensure_redis(data_dir / "redis")
+            if redis.started:
+                embedded.append(redis)
+            say(f"redis: {'ready' if redis.started else 'reusing a running one'} (pid {redis.pid}) {redis.url}")
+            env["REDIS_URL"] = redis.url
+        if not os.environ.get("JWT_SECRET"):
+            env["JWT_SECRET"] = _jwt_secret(run_dir)
+            say(f"auth: JWT_SECRET from {_rel(run_dir / 'jwt_secret')}")
+
+        names = [s.name for s in services]
+        if names and importlib.util.find_spec("servers.common.migrations") is None:
+            say("migrations: skipped (servers.common.migrations does not exist yet)")
+        elif names:
+            say(f"migrations: upgrading {', '.join(names)} ...")
+            run_migrations(names, env, log_path=log_dir / "migrations.log")
+            say(f"migrations: done (log {_rel(log_dir / 'migrations.log')})")
+
+        stack = Stack(
+            names,
+            env=env,
+            run_dir=run_dir,
+            host=host,
+            grpc_ports=grpc_ports,
+            metrics_ports=metrics_ports,
+            envoy_web_port=web_port,
+            envoy_admin_port=admin_port,
+            envoy_listen_host=envoy_host,
+            envoy_concurrency=min(4, os.cpu_count() or 1),
+            progress=say,
+        )
+        stack.start()
+        health = wait_healthy(stack)
+        say("all up")
+        print()
+        print(_table(stack.endpoint_rows(health), stack.envoy_http_url))
+        print()
+        print(f"Envoy web    {stack.envoy_http_url}  (JSON, gRPC-Web, gRPC over h2c; unknown services: UNIMPLEMENTED)")
+        print(f"Envoy admin  {stack.envoy_admin_url}  (loopback only)")
+        print(f"config       {_rel(stack.envoy_config_path)}")
+        print(f"logs         {_rel(stack.log_dir)}/  ({', '.join(p.name for p in stack.iter_log_files())})")
+        for name in ("DATABASE_URL", "REDIS_URL"):
+            print(f"{name:<12} {env.get(name) or os.environ.get(name, '')}")
+        print("\nCtrl-C stops everything.", flush=True)
+        while True:
+            stack.check_alive()
+            time.sleep(0.5)
+    except _Interrupted as exc:
+        print(flush=True)
+        say(f"{exc.args[0]}: stopping")
+    except (ProcessDied, PortInUse, EmbeddedStartError, TimeoutError, RuntimeError, ValueError) as exc:
+        first, _, rest = str(exc).partition("\n")
+        print(f"devstack: {first}", file=sys.stderr, flush=True)
+        if rest:
+            print("\n".join(f"    {line}" for line in rest.splitlines()), file=sys.stderr, flush=True)
+        status = 1
+    finally:
+        signal.signal(signal.SIGINT, _still_stopping)
+        signal.signal(signal.SIGTERM, _still_stopping)
+        if stack is not None:
+            stack.stop()
+            say("servers and Envoy stopped")
+        for server in reversed(embedded):
+            server.stop()
+            say(f"{server.name}: stopped (pid {server.pid})")
+    return status
+
+
+def cmd_render_envoy(args: argparse.Namespace) -> int:
+    upstreams: dict[str, str] = {}
+    for item in args.upstream or []:
+        name, sep, address = item.partition("=")
+        if not sep:
+            raise SystemExit(f"devstack: --upstream wants NAME=HOST:PORT, got {item!r}")
+        upstreams[name] = address
+    if not args.upstream:
+        upstreams = {s.name: f"127.0.0.1:{s.grpc_port}" for s in catalog.implemented_services()}
+    options = envoy_config.EdgeOptions(
+        web_port=args.web_port,
+        admin_port=args.admin_port,
+        listen_host=args.listen_host,
+        access_log_path=args.access_log,
+        proto_descriptor_path=args.descriptor_path_in_config,
+    )
+    try:
+        config = envoy_config.render(catalog.SERVICES, args.descriptor, upstreams, options)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"devstack: {exc}") from None
+    envoy_config.write(config, args.out)
+    routed = ", ".join(sorted(upstreams)) or "none"
+    print(f"wrote {args.out} (routed: {routed}; every other service answers UNIMPLEMENTED)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m devstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="bring the platform up and wait (Ctrl-C stops it)")
+    up.set_defaults(func=cmd_up)
+    render = sub.add_parser("render-envoy", help="write Envoy's bootstrap JSON")
+    render.add_argument("--out", type=Path, required=True, help="file to write (.json)")
+    render.add_argument(
+        "--upstream",
+        action="append",
+        metavar="NAME=HOST:PORT",
+        help="route a service to a server (repeatable); default: every implemented service on its default port",
+    )
+    render.add_argument("--descriptor", type=Path, default=catalog.DESCRIPTOR_SET, help="descriptor set to read")
+    render.add_argument(
+        "--descriptor-path-in-config",
+        default=None,
+        metavar="PATH",
+        help="where Envoy will find the descriptor set, if not at --descriptor (e.g. inside an image)",
+    )
+    render.add_argument("--listen-host", default="0.0.0.0")
+    render.add_argument("--web-port", type=int, default=catalog.ENVOY_WEB_PORT)
+    render.add_argument("--admin-port", type=int, default=catalog.ENVOY_ADMIN_PORT)
+    render.add_argument("--access-log", default=None, help="access log file (default: Envoy's stdout)")
+    render.set_defaults(func=cmd_render_envoy)
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

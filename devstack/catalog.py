@@ -1,0 +1,190 @@
+"""The one list of FAR services: names, packages, ports. Everything else derives from it.
+
+The descriptor set (`generated/descriptors/far.binpb`) is the other source: it says which services
+have contracts and what their REST paths are. `check_descriptor` makes the two agree.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.api import annotations_pb2, http_pb2
+from google.protobuf import descriptor_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+DESCRIPTOR_SET = ROOT / "generated" / "descriptors" / "far.binpb"
+
+ENVOY_WEB_PORT = 8080
+# The partner listener (gRPC over TLS with client certificates) arrives with the mTLS issue.
+ENVOY_PARTNER_PORT = 8443
+ENVOY_ADMIN_PORT = 9901
+REALTIME_SOCKETIO_PORT = 3001
+
+_FAR_PACKAGE = re.compile(r"^far\.([a-z][a-z0-9]*)\.v(\d+)$")
+
+
+@dataclass(frozen=True)
+class Service:
+    """One FAR service: one proto package, one gRPC service, one server process."""
+
+    name: str
+    grpc_port: int
+    metrics_port: int
+    version: str = "v1"
+
+    @property
+    def package(self) -> str:
+        return f"far.{self.name}.{self.version}"
+
+    @property
+    def service_name(self) -> str:
+        """The full gRPC service name, e.g. `far.gamed.v1.GamedService`."""
+        return f"{self.package}.{self.name.capitalize()}Service"
+
+    @property
+    def grpc_prefix(self) -> str:
+        """The HTTP/2 path prefix of every method of the service: `/far.gamed.v1.GamedService/`."""
+        return f"/{self.service_name}/"
+
+    @property
+    def module(self) -> str:
+        return f"servers.{self.name}"
+
+    @property
+    def implemented(self) -> bool:
+        """A server exists when `python -m servers.<name>` can run."""
+        try:
+            return importlib.util.find_spec(f"{self.module}.__main__") is not None
+        except ModuleNotFoundError:
+            return False
+
+
+SERVICES: tuple[Service, ...] = (
+    Service("auth", grpc_port=50051, metrics_port=9101),
+    Service("inference", grpc_port=50052, metrics_port=9102),
+    Service("realtime", grpc_port=50053, metrics_port=9103),
+    Service("gaming", grpc_port=50054, metrics_port=9104),
+    Service("desci", grpc_port=50055, metrics_port=9105),
+    Service("gamed", grpc_port=50056, metrics_port=9106),
+    Service("gpu", grpc_port=50057, metrics_port=9107),
+    Service("staking", grpc_port=50058, metrics_port=9108),
+)
+BY_NAME: Mapping[str, Service] = {s.name: s for s in SERVICES}
+
+
+def get(name: str) -> Service:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown service {name!r}; known: {', '.join(BY_NAME)}") from None
+
+
+def implemented_services(services: Iterable[Service] = SERVICES) -> list[Service]:
+    return [s for s in services if s.implemented]
+
+
+class CatalogMismatch(ValueError):
+    """The descriptor set and the catalog disagree about which services exist."""
+
+
+@dataclass(frozen=True)
+class DescribedService:
+    """What the descriptor set says about one service."""
+
+    service_name: str
+    methods: tuple[str, ...]
+    rest_prefixes: tuple[str, ...]
+
+
+def load_descriptor_set(path: Path = DESCRIPTOR_SET) -> descriptor_pb2.FileDescriptorSet:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no descriptor set at {path}; run `make generate`") from None
+    return descriptor_pb2.FileDescriptorSet.FromString(data)
+
+
+def _http_rules(method: descriptor_pb2.MethodDescriptorProto) -> list[http_pb2.HttpRule]:
+    # Parsed as a known extension because importing annotations_pb2 registered it.
+    if not method.options.HasExtension(annotations_pb2.http):
+        return []
+    rule = method.options.Extensions[annotations_pb2.http]
+    return [rule, *rule.additional_bindings]
+
+
+def _rest_prefix(rule: http_pb2.HttpRule) -> str | None:
+    """`/v1/{name=games/*}/builds` -> `/v1/games`: the literal path up to the first wildcard."""
+    kind = rule.WhichOneof("pattern")
+    pattern = rule.custom.path if kind == "custom" else getattr(rule, kind) if kind else ""
+    if not pattern:
+        return None
+    expanded = re.sub(r"\{[^}=]+=([^}]*)\}", r"\1", pattern)
+    expanded = re.sub(r"\{[^}]*\}", "*", expanded).split(":", 1)[0]
+    literal: list[str] = []
+    for segment in expanded.strip("/").split("/"):
+        if "*" in segment:
+            break
+        literal.append(segment)
+    return "/" + "/".join(literal) if literal else None
+
+
+def describe(fds: descriptor_pb2.FileDescriptorSet) -> dict[str, DescribedService]:
+    """Every `far.*` service in the descriptor set, keyed by full service name."""
+    found: dict[str, DescribedService] = {}
+    for file in fds.file:
+        if not file.package.startswith("far."):
+            continue
+        for svc in file.service:
+            full = f"{file.package}.{svc.name}"
+            prefixes: set[str] = set()
+            for method in svc.method:
+                for rule in _http_rules(method):
+                    prefix = _rest_prefix(rule)
+                    if prefix:
+                        prefixes.add(prefix)
+            found[full] = DescribedService(
+                service_name=full,
+                methods=tuple(m.name for m in svc.method),
+                rest_prefixes=tuple(sorted(prefixes)),
+            )
+    return found
+
+
+def check_descriptor(
+    fds: descriptor_pb2.FileDescriptorSet,
+    services: Iterable[Service] = SERVICES,
+    *,
+    require: Iterable[Service] = (),
+) -> dict[str, DescribedService]:
+    """Check the descriptor set against the catalog and return what it describes.
+
+    Every `far.*` service in the descriptor must be in the catalog under the name the catalog gives
+    it; every service in `require` (those about to run) must be in the descriptor. A catalog
+    service without a contract yet is fine: the edge answers UNIMPLEMENTED for it.
+    """
+    described = describe(fds)
+    known = {s.service_name for s in services}
+    problems: list[str] = []
+    for full in sorted(described):
+        if full in known:
+            continue
+        package = full.rsplit(".", 1)[0]
+        match = _FAR_PACKAGE.match(package)
+        if match and match.group(1) in BY_NAME:
+            problems.append(
+                f"{full} in the descriptor set, but the catalog calls it {get(match.group(1)).service_name}"
+            )
+        else:
+            problems.append(f"{full} in the descriptor set is not in devstack/catalog.py")
+    problems += [
+        f"{s.service_name} runs but is not in the descriptor set (run `make generate`)"
+        for s in require
+        if s.service_name not in described
+    ]
+    if problems:
+        raise CatalogMismatch("; ".join(problems))
+    return described

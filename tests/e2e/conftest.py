@@ -1,0 +1,70 @@
+"""The platform as `make run` starts it: real server processes behind a real Envoy.
+
+`stack` (session-scoped) runs the gamed migrations the way `make run` does, starts
+`python -m servers.gamed` on a free port and Envoy on free ports in front of it, and stops both at the
+end of the run whatever happens. Logs: `stack.log_dir` (printed when a test fails).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+
+import grpc
+import pytest
+
+from devstack.stack import Stack, run_migrations
+
+SERVICES = ["gamed"]
+
+
+@pytest.fixture(scope="session")
+def stack_env(
+    database_url: str, redis_url: str, redis_key_prefix: str, jwt_secret: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """What every server process of the stack gets: this run's database, Redis prefix and JWT secret."""
+    return {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": redis_key_prefix,
+        "JWT_SECRET": jwt_secret,
+        "JWT_KEY_ID": "k1",
+        "LOG_LEVEL": "info",
+        "LOG_FORMAT": "json",
+        # Tests stop the stack once; no load balancer needs time to notice the drain.
+        "DRAIN_DELAY_SECONDS": "0",
+        "SHUTDOWN_GRACE_SECONDS": "2",
+        "FAR_DATA_DIR": str(tmp_path_factory.mktemp("far-data")),
+    }
+
+
+@pytest.fixture(scope="session")
+def stack(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    run_dir = tmp_path_factory.mktemp("stack")
+    run_migrations(SERVICES, stack_env, log_path=run_dir / "logs" / "migrations.log")
+    with Stack(SERVICES, env=stack_env, run_dir=run_dir, envoy=True) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def envoy_channel(stack: Stack) -> Iterator[grpc.Channel]:
+    """A plain gRPC (h2c) channel to Envoy's web listener."""
+    with grpc.insecure_channel(stack.envoy_grpc_target) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def gamed_channel_direct(stack: Stack) -> Iterator[grpc.Channel]:
+    """A gRPC channel straight to the gamed server process, bypassing Envoy."""
+    with grpc.insecure_channel(stack.grpc_target("gamed")) as channel:
+        yield channel
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    running = getattr(item, "funcargs", {}).get("stack")
+    if report.failed and isinstance(running, Stack):
+        report.sections.append(("stack logs", f"server and Envoy logs are in {running.log_dir}"))
+    return report
