@@ -74,8 +74,13 @@ def _env_port(name: str, default: int) -> int:
     return int(raw)
 
 
+def _run_dir() -> Path:
+    return Path(os.environ.get("DEVSTACK_RUN_DIR") or catalog.ROOT / ".run").resolve()
+
+
 def _jwt_secret(run_dir: Path) -> str:
     path = run_dir / "jwt_secret"
+    run_dir.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -116,7 +121,7 @@ def _table(rows: Sequence[EndpointRow], envoy_url: str) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     say = Console()
-    run_dir = Path(os.environ.get("DEVSTACK_RUN_DIR") or catalog.ROOT / ".run").resolve()
+    run_dir = _run_dir()
     data_dir, log_dir = run_dir / "data", run_dir / "logs"
     host = os.environ.get("DEVSTACK_HOST", "127.0.0.1")
     envoy_host = os.environ.get("ENVOY_LISTEN_HOST", "127.0.0.1")
@@ -254,6 +259,24 @@ def cmd_render_envoy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print an access token signed with the dev JWT secret (until the auth service issues real ones)."""
+    from servers.common.auth import JwtKeys, Role, TokenIssuer
+    from servers.common.validation import WALLET_ADDRESS
+
+    wallet = args.wallet.lower()
+    if not WALLET_ADDRESS.match(wallet):
+        raise SystemExit(f"devstack: --wallet {args.wallet!r} is not a 0x-prefixed 20-byte address")
+    known = {role.value for role in Role}
+    unknown = sorted(set(args.role) - known)
+    if unknown:
+        raise SystemExit(f"devstack: unknown role(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    secret = os.environ.get("JWT_SECRET") or _jwt_secret(_run_dir())
+    keys = JwtKeys(current_kid=os.environ.get("JWT_KEY_ID", "k1"), secrets={os.environ.get("JWT_KEY_ID", "k1"): secret})
+    print(TokenIssuer(keys).issue(wallet, args.role or ["user"], ttl_s=args.ttl))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m devstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -281,6 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     render.add_argument("--admin-port", type=int, default=catalog.ENVOY_ADMIN_PORT)
     render.add_argument("--access-log", default=None, help="access log file (default: Envoy's stdout)")
     render.set_defaults(func=cmd_render_envoy)
+    token = sub.add_parser("token", help="print a dev access token for a wallet (signed with .run/jwt_secret)")
+    token.add_argument("--wallet", required=True, help="0x-prefixed wallet address (the token's subject)")
+    token.add_argument("--role", action="append", default=[], help="a role to grant (repeatable); default: user")
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds the token is valid (default 3600)")
+    token.set_defaults(func=cmd_token)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

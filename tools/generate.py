@@ -41,10 +41,9 @@ OPENAPI = "openapi/far.openapi.json"
 
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:  # pragma: no cover - install problem
+    if spec is None or spec.origin is None:
         raise SystemExit(f"generate: the package {name!r} is not installed (run `make install`)")
-    origin = Path(spec.origin)
-    return origin.parent if origin.name == "__init__.py" or spec.submodule_search_locations else origin.parent
+    return Path(spec.origin).parent
 
 
 def vendor_google_protos(dest: Path) -> None:

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from far.type.v1 import chain_transaction_pb2 as _chain_transaction_pb2
 from far.type.v1 import token_amount_pb2 as _token_amount_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -94,7 +95,8 @@ class Tournament(_message.Message):
     ENDED (from `end_time`; scores closed) -> FINALIZING (FinalizeTournament computed the
     payouts; transfers in flight) -> FINALIZED (every payout confirmed). CancelTournament moves
     any state before FINALIZING to CANCELLED and refunds entry fees. Time-driven moves happen
-    on the minute boundary after the time passes.
+    within a minute after the time passes. A recurring tournament without `end_time` stays
+    RUNNING until cancelled; it becomes FINALIZING when its last period is settled.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -169,6 +171,7 @@ class Tournament(_message.Message):
     ENTRY_FEE_RECIPIENT_FIELD_NUMBER: _builtins.int
     CHAIN_ID_FIELD_NUMBER: _builtins.int
     CANCEL_REASON_FIELD_NUMBER: _builtins.int
+    AUTO_FINALIZE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
@@ -225,6 +228,10 @@ class Tournament(_message.Message):
     """
     cancel_reason: _builtins.str
     """Why the tournament was cancelled, as given to CancelTournament. Empty otherwise."""
+    auto_finalize: _builtins.bool
+    """When true, the service settles each period as soon as it ends, as FinalizeTournament
+    would; when false, the organizer (or an admin) calls FinalizeTournament.
+    """
     etag: _builtins.str
     """A checksum of the tournament's current state (AIP-154). Send it back in UpdateTournament
     or CancelTournament to make the call conditional: a stale etag fails with ABORTED
@@ -308,13 +315,14 @@ class Tournament(_message.Message):
         entry_fee_recipient: _builtins.str = ...,
         chain_id: _builtins.int = ...,
         cancel_reason: _builtins.str = ...,
+        auto_finalize: _builtins.bool = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "entry_fee", b"entry_fee", "next_reset_time", b"next_reset_time", "prize_pool", b"prize_pool", "reset_interval", b"reset_interval", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "chain_id", b"chain_id", "create_time", b"create_time", "current_period", b"current_period", "description", b"description", "display_name", b"display_name", "end_time", b"end_time", "entry_fee", b"entry_fee", "entry_fee_pool_share_bps", b"entry_fee_pool_share_bps", "entry_fee_recipient", b"entry_fee_recipient", "etag", b"etag", "game", b"game", "max_participants", b"max_participants", "max_submissions", b"max_submissions", "name", b"name", "next_reset_time", b"next_reset_time", "organizer", b"organizer", "participant_count", b"participant_count", "prize_pool", b"prize_pool", "prize_shares", b"prize_shares", "reset_interval", b"reset_interval", "score_mode", b"score_mode", "score_order", b"score_order", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_finalize", b"auto_finalize", "cancel_reason", b"cancel_reason", "chain_id", b"chain_id", "create_time", b"create_time", "current_period", b"current_period", "description", b"description", "display_name", b"display_name", "end_time", b"end_time", "entry_fee", b"entry_fee", "entry_fee_pool_share_bps", b"entry_fee_pool_share_bps", "entry_fee_recipient", b"entry_fee_recipient", "etag", b"etag", "game", b"game", "max_participants", b"max_participants", "max_submissions", b"max_submissions", "name", b"name", "next_reset_time", b"next_reset_time", "organizer", b"organizer", "participant_count", b"participant_count", "prize_pool", b"prize_pool", "prize_shares", b"prize_shares", "reset_interval", b"reset_interval", "score_mode", b"score_mode", "score_order", b"score_order", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -332,7 +340,7 @@ class PrizeShare(_message.Message):
     first_rank: _builtins.int
     """The first rank of the range, from 1."""
     last_rank: _builtins.int
-    """The last rank of the range (inclusive), at least `first_rank` and at most 10,000."""
+    """The last rank of the range (inclusive), at least `first_rank` and at most 1,000."""
     share_bps: _builtins.int
     """The share each rank of the range receives, in basis points of the prize pool (1-10,000)."""
     def __init__(
@@ -519,7 +527,7 @@ class Entry(_message.Message):
         """The fee paid; zero for a free tournament."""
 
     @_builtins.property
-    def payment(self) -> Global___PaymentReference:
+    def payment(self) -> _chain_transaction_pb2.ChainTransaction:
         """The on-chain payment of the fee; unset for a free tournament."""
 
     @_builtins.property
@@ -534,7 +542,7 @@ class Entry(_message.Message):
         period: _builtins.int = ...,
         state: Global___Entry.State.ValueType = ...,
         entry_fee: _token_amount_pb2.TokenAmount | None = ...,
-        payment: Global___PaymentReference | None = ...,
+        payment: _chain_transaction_pb2.ChainTransaction | None = ...,
         refund_tx_hash: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
@@ -654,33 +662,3 @@ class Payout(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Payout: _TypeAlias = Payout  # noqa: Y015
-
-@_typing.final
-class PaymentReference(_message.Message):
-    """A reference to an on-chain payment: a transaction that transferred tokens from the
-    caller's wallet to the address the platform named for it.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CHAIN_ID_FIELD_NUMBER: _builtins.int
-    TX_HASH_FIELD_NUMBER: _builtins.int
-    chain_id: _builtins.int
-    """The EVM chain id of the transaction (56, 97, or the local chain's id in development);
-    it must be the chain the platform uses, else INVALID_ARGUMENT.
-    """
-    tx_hash: _builtins.str
-    """The transaction hash: 0x-prefixed, 64 lower-case hex digits."""
-    def __init__(
-        self,
-        *,
-        chain_id: _builtins.int = ...,
-        tx_hash: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "tx_hash", b"tx_hash"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___PaymentReference: _TypeAlias = PaymentReference  # noqa: Y015
