@@ -46,7 +46,7 @@ class Database:
 
     def __init__(self, url: str, *, events: EventBus | None = None, pool_size: int = 10) -> None:
         self.engine: AsyncEngine = create_async_engine(
-            async_url(url), pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            async_url(url), pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800
         )
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
         self._events = events

@@ -19,7 +19,7 @@ def _compile(pattern: str) -> re.Pattern[str]:
             parts.append(f"(?P<{segment[1:-1]}>{_SEGMENT})")
         else:
             parts.append(re.escape(segment))
-    return re.compile("^" + "/".join(parts) + "$")
+    return re.compile("^" + "/".join(parts) + r"\Z")
 
 
 def parse_name(pattern: str, name: str, *, field: str = "name") -> dict[str, str]:

@@ -6,9 +6,10 @@ import re
 
 from servers.common.errors import FieldViolation, InvalidArgument
 
-RESOURCE_ID = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-WALLET_ADDRESS = re.compile(r"^0x[0-9a-f]{40}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# \Z, not $: `$` also matches before a trailing newline, so "abc\n" would pass.
+RESOURCE_ID = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+WALLET_ADDRESS = re.compile(r"^0x[0-9a-f]{40}\Z")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 RESOURCE_ID_RULE = "must be 1-63 lower-case letters, digits or hyphens, start with a letter, not end with '-'"
 
 

@@ -36,14 +36,16 @@ CHANNEL = "games/{game}/channels/{channel}"
 
 MAX_ASSETS = 100
 MAX_ASSET_BYTES = 64 * 1024**3
+# \Z, not $ (which also matches before a trailing newline); ASCII, so \d and \w mean what they say.
 SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?\Z",
+    re.ASCII,
 )
-GENRE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
-ASSET_PATH = re.compile(r"^[A-Za-z0-9._\-/]{1,512}$")
-CONTENT_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
+GENRE = re.compile(r"^[a-z][a-z0-9-]{0,39}\Z")
+ASSET_PATH = re.compile(r"^[A-Za-z0-9._\-/]{1,512}\Z")
+CONTENT_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+\Z", re.ASCII)
 UPDATABLE_GAME_FIELDS = frozenset({"display_name", "description", "genres", "state"})
 
 
@@ -289,6 +291,8 @@ class Catalog:
         _check_can_edit(game, principal)
         if etag and etag != etag_of(game):
             raise Aborted("the game changed since it was read (stale etag)", reason="ETAG_MISMATCH")
+        if fields.state == 0:  # the contract: an unset state means "leave it as it is", even under `*`
+            paths = paths - {"state"}
         v = Violations()
         _validate_game_fields(fields, paths, v)
         v.raise_if_any()
@@ -357,10 +361,17 @@ class Catalog:
         return row
 
     async def _visible_build(
-        self, uow: UnitOfWork, principal: Principal, name: str, *, field: str = "name", edit: bool = False
+        self,
+        uow: UnitOfWork,
+        principal: Principal,
+        name: str,
+        *,
+        field: str = "name",
+        edit: bool = False,
+        lock: bool = False,
     ) -> tuple[GameRow, BuildRow]:
         ids = parse_name(BUILD, name, field=field)
-        game = await self._visible_game(uow, ids["game"], principal, is_id=True)
+        game = await self._visible_game(uow, ids["game"], principal, is_id=True, for_update=lock)
         if edit:
             _check_can_edit(game, principal)
         build = await repo.get_build(uow.session, ids["game"], ids["build"])
@@ -394,9 +405,13 @@ class Catalog:
         return rows, next_token
 
     async def delete_build(self, uow: UnitOfWork, principal: Principal, name: str) -> None:
-        game, build = await self._visible_build(uow, principal, name, edit=True)
+        game, build = await self._visible_build(uow, principal, name, edit=True, lock=True)
         if await repo.build_is_released(uow.session, game.id, build.id):
             raise FailedPrecondition(f"{name} has been released on a channel", reason="BUILD_IN_USE")
+        if game.state == GameState.PUBLISHED and await repo.count_builds(uow.session, game.id) == 1:
+            raise FailedPrecondition(
+                "a published game keeps at least one build; archive the game first", reason="LAST_BUILD"
+            )
         await repo.delete_build(uow.session, game.id, build.id)
         await repo.touch_game(uow.session, game.id, await repo.now(uow.session))
 
@@ -468,7 +483,7 @@ class Catalog:
     async def create_channel(
         self, uow: UnitOfWork, principal: Principal, parent: str, channel_id: str, description: str
     ) -> ChannelRecord:
-        game = await self._visible_game(uow, parent, principal, field="parent")
+        game = await self._visible_game(uow, parent, principal, field="parent", for_update=True)
         _check_can_edit(game, principal)
         v = Violations()
         v.check_resource_id(channel_id, "channel_id")
@@ -487,7 +502,8 @@ class Catalog:
         self, uow: UnitOfWork, principal: Principal, name: str, *, edit: bool = False, field: str = "name"
     ) -> ChannelRow:
         ids = parse_name(CHANNEL, name, field=field)
-        game = await self._visible_game(uow, ids["game"], principal, is_id=True)
+        # Writes lock the game row first, so they serialize with DeleteGame and with DeleteBuild.
+        game = await self._visible_game(uow, ids["game"], principal, is_id=True, for_update=edit)
         if edit:
             _check_can_edit(game, principal)
         channel = await repo.get_channel(uow.session, ids["game"], ids["channel"], for_update=edit)

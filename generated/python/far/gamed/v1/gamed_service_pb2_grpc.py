@@ -41,8 +41,12 @@ class GamedServiceStub:
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
     `UNAUTHENTICATED`, `PERMISSION_DENIED`, `GAME_NOT_FOUND`, `BUILD_NOT_FOUND`,
     `CHANNEL_NOT_FOUND`, `GAME_ALREADY_EXISTS`, `BUILD_ALREADY_EXISTS`,
-    `CHANNEL_ALREADY_EXISTS`, `ETAG_MISMATCH`, `GAME_PUBLISHED`, `BUILD_IN_USE`,
-    `NO_BUILDS`, `NOTHING_TO_ROLL_BACK`, `NO_RELEASE`.
+    `CHANNEL_ALREADY_EXISTS`, `ETAG_MISMATCH`, `GAME_PUBLISHED`, `BUILD_IN_USE`, `LAST_BUILD`,
+    `NO_BUILDS`, `NOTHING_TO_ROLL_BACK`, `NO_RELEASE`, `MISSING_ROLE`, `TOKEN_INVALID`, `TOKEN_EXPIRED`.
+
+    Events. After a change commits, the service publishes on the platform event bus (Redis
+    Streams): the Game on topic `gamed.games` after CreateGame and UpdateGame, and the new current
+    Release on topic `gamed.releases` after PromoteBuild (when it changed anything) and RollbackChannel.
     """
 
     def __init__(self, channel):
@@ -155,15 +159,20 @@ class GamedServiceServicer:
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
     `UNAUTHENTICATED`, `PERMISSION_DENIED`, `GAME_NOT_FOUND`, `BUILD_NOT_FOUND`,
     `CHANNEL_NOT_FOUND`, `GAME_ALREADY_EXISTS`, `BUILD_ALREADY_EXISTS`,
-    `CHANNEL_ALREADY_EXISTS`, `ETAG_MISMATCH`, `GAME_PUBLISHED`, `BUILD_IN_USE`,
-    `NO_BUILDS`, `NOTHING_TO_ROLL_BACK`, `NO_RELEASE`.
+    `CHANNEL_ALREADY_EXISTS`, `ETAG_MISMATCH`, `GAME_PUBLISHED`, `BUILD_IN_USE`, `LAST_BUILD`,
+    `NO_BUILDS`, `NOTHING_TO_ROLL_BACK`, `NO_RELEASE`, `MISSING_ROLE`, `TOKEN_INVALID`, `TOKEN_EXPIRED`.
+
+    Events. After a change commits, the service publishes on the platform event bus (Redis
+    Streams): the Game on topic `gamed.games` after CreateGame and UpdateGame, and the new current
+    Release on topic `gamed.releases` after PromoteBuild (when it changed anything) and RollbackChannel.
     """
 
     def CreateGame(self, request, context):
         """Creates a game in the DRAFT state, owned by the caller.
 
         Needs the `publisher` or `admin` role. Errors: INVALID_ARGUMENT (bad `game_id`,
-        `display_name`, `description` or `genres`), ALREADY_EXISTS (`GAME_ALREADY_EXISTS`).
+        `display_name`, `description` or `genres`), ALREADY_EXISTS (`GAME_ALREADY_EXISTS`; game ids
+        are global, so this holds also when the existing game is another publisher's hidden draft).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -229,7 +238,8 @@ class GamedServiceServicer:
 
     def DeleteBuild(self, request, context):
         """Deletes a build. A build that any channel has released (current or in its history)
-        cannot be deleted (FAILED_PRECONDITION, `BUILD_IN_USE`).
+        cannot be deleted (FAILED_PRECONDITION, `BUILD_IN_USE`), nor the last build of a published
+        game (FAILED_PRECONDITION, `LAST_BUILD`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -421,8 +431,12 @@ class GamedService:
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
     `UNAUTHENTICATED`, `PERMISSION_DENIED`, `GAME_NOT_FOUND`, `BUILD_NOT_FOUND`,
     `CHANNEL_NOT_FOUND`, `GAME_ALREADY_EXISTS`, `BUILD_ALREADY_EXISTS`,
-    `CHANNEL_ALREADY_EXISTS`, `ETAG_MISMATCH`, `GAME_PUBLISHED`, `BUILD_IN_USE`,
-    `NO_BUILDS`, `NOTHING_TO_ROLL_BACK`, `NO_RELEASE`.
+    `CHANNEL_ALREADY_EXISTS`, `ETAG_MISMATCH`, `GAME_PUBLISHED`, `BUILD_IN_USE`, `LAST_BUILD`,
+    `NO_BUILDS`, `NOTHING_TO_ROLL_BACK`, `NO_RELEASE`, `MISSING_ROLE`, `TOKEN_INVALID`, `TOKEN_EXPIRED`.
+
+    Events. After a change commits, the service publishes on the platform event bus (Redis
+    Streams): the Game on topic `gamed.games` after CreateGame and UpdateGame, and the new current
+    Release on topic `gamed.releases` after PromoteBuild (when it changed anything) and RollbackChannel.
     """
 
     @staticmethod

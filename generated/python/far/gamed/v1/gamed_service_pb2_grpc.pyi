@@ -42,8 +42,12 @@ class GamedServiceStub:
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
     `UNAUTHENTICATED`, `PERMISSION_DENIED`, `GAME_NOT_FOUND`, `BUILD_NOT_FOUND`,
     `CHANNEL_NOT_FOUND`, `GAME_ALREADY_EXISTS`, `BUILD_ALREADY_EXISTS`,
-    `CHANNEL_ALREADY_EXISTS`, `ETAG_MISMATCH`, `GAME_PUBLISHED`, `BUILD_IN_USE`,
-    `NO_BUILDS`, `NOTHING_TO_ROLL_BACK`, `NO_RELEASE`.
+    `CHANNEL_ALREADY_EXISTS`, `ETAG_MISMATCH`, `GAME_PUBLISHED`, `BUILD_IN_USE`, `LAST_BUILD`,
+    `NO_BUILDS`, `NOTHING_TO_ROLL_BACK`, `NO_RELEASE`, `MISSING_ROLE`, `TOKEN_INVALID`, `TOKEN_EXPIRED`.
+
+    Events. After a change commits, the service publishes on the platform event bus (Redis
+    Streams): the Game on topic `gamed.games` after CreateGame and UpdateGame, and the new current
+    Release on topic `gamed.releases` after PromoteBuild (when it changed anything) and RollbackChannel.
     """
 
     @_typing.overload
@@ -54,7 +58,8 @@ class GamedServiceStub:
     """Creates a game in the DRAFT state, owned by the caller.
 
     Needs the `publisher` or `admin` role. Errors: INVALID_ARGUMENT (bad `game_id`,
-    `display_name`, `description` or `genres`), ALREADY_EXISTS (`GAME_ALREADY_EXISTS`).
+    `display_name`, `description` or `genres`), ALREADY_EXISTS (`GAME_ALREADY_EXISTS`; game ids
+    are global, so this holds also when the existing game is another publisher's hidden draft).
     """
     GetGame: _grpc.UnaryUnaryMultiCallable[_gamed_service_pb2.GetGameRequest, _game_pb2.Game]
     """Returns a game. NOT_FOUND (`GAME_NOT_FOUND`) when it does not exist or the caller may
@@ -85,7 +90,8 @@ class GamedServiceStub:
     """Lists the builds of a game, newest first."""
     DeleteBuild: _grpc.UnaryUnaryMultiCallable[_gamed_service_pb2.DeleteBuildRequest, _empty_pb2.Empty]
     """Deletes a build. A build that any channel has released (current or in its history)
-    cannot be deleted (FAILED_PRECONDITION, `BUILD_IN_USE`).
+    cannot be deleted (FAILED_PRECONDITION, `BUILD_IN_USE`), nor the last build of a published
+    game (FAILED_PRECONDITION, `LAST_BUILD`).
     """
     GenerateUploadLinks: _grpc.UnaryUnaryMultiCallable[_gamed_service_pb2.GenerateUploadLinksRequest, _gamed_service_pb2.GenerateUploadLinksResponse]
     """Returns presigned S3 PUT links, one per asset, for the publisher to upload the build's
@@ -133,8 +139,12 @@ class GamedServiceAsyncStub(GamedServiceStub):
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
     `UNAUTHENTICATED`, `PERMISSION_DENIED`, `GAME_NOT_FOUND`, `BUILD_NOT_FOUND`,
     `CHANNEL_NOT_FOUND`, `GAME_ALREADY_EXISTS`, `BUILD_ALREADY_EXISTS`,
-    `CHANNEL_ALREADY_EXISTS`, `ETAG_MISMATCH`, `GAME_PUBLISHED`, `BUILD_IN_USE`,
-    `NO_BUILDS`, `NOTHING_TO_ROLL_BACK`, `NO_RELEASE`.
+    `CHANNEL_ALREADY_EXISTS`, `ETAG_MISMATCH`, `GAME_PUBLISHED`, `BUILD_IN_USE`, `LAST_BUILD`,
+    `NO_BUILDS`, `NOTHING_TO_ROLL_BACK`, `NO_RELEASE`, `MISSING_ROLE`, `TOKEN_INVALID`, `TOKEN_EXPIRED`.
+
+    Events. After a change commits, the service publishes on the platform event bus (Redis
+    Streams): the Game on topic `gamed.games` after CreateGame and UpdateGame, and the new current
+    Release on topic `gamed.releases` after PromoteBuild (when it changed anything) and RollbackChannel.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -142,7 +152,8 @@ class GamedServiceAsyncStub(GamedServiceStub):
     """Creates a game in the DRAFT state, owned by the caller.
 
     Needs the `publisher` or `admin` role. Errors: INVALID_ARGUMENT (bad `game_id`,
-    `display_name`, `description` or `genres`), ALREADY_EXISTS (`GAME_ALREADY_EXISTS`).
+    `display_name`, `description` or `genres`), ALREADY_EXISTS (`GAME_ALREADY_EXISTS`; game ids
+    are global, so this holds also when the existing game is another publisher's hidden draft).
     """
     GetGame: _aio.UnaryUnaryMultiCallable[_gamed_service_pb2.GetGameRequest, _game_pb2.Game]  # type: ignore[assignment]
     """Returns a game. NOT_FOUND (`GAME_NOT_FOUND`) when it does not exist or the caller may
@@ -173,7 +184,8 @@ class GamedServiceAsyncStub(GamedServiceStub):
     """Lists the builds of a game, newest first."""
     DeleteBuild: _aio.UnaryUnaryMultiCallable[_gamed_service_pb2.DeleteBuildRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a build. A build that any channel has released (current or in its history)
-    cannot be deleted (FAILED_PRECONDITION, `BUILD_IN_USE`).
+    cannot be deleted (FAILED_PRECONDITION, `BUILD_IN_USE`), nor the last build of a published
+    game (FAILED_PRECONDITION, `LAST_BUILD`).
     """
     GenerateUploadLinks: _aio.UnaryUnaryMultiCallable[_gamed_service_pb2.GenerateUploadLinksRequest, _gamed_service_pb2.GenerateUploadLinksResponse]  # type: ignore[assignment]
     """Returns presigned S3 PUT links, one per asset, for the publisher to upload the build's
@@ -220,8 +232,12 @@ class GamedServiceServicer(metaclass=_abc_1.ABCMeta):
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
     `UNAUTHENTICATED`, `PERMISSION_DENIED`, `GAME_NOT_FOUND`, `BUILD_NOT_FOUND`,
     `CHANNEL_NOT_FOUND`, `GAME_ALREADY_EXISTS`, `BUILD_ALREADY_EXISTS`,
-    `CHANNEL_ALREADY_EXISTS`, `ETAG_MISMATCH`, `GAME_PUBLISHED`, `BUILD_IN_USE`,
-    `NO_BUILDS`, `NOTHING_TO_ROLL_BACK`, `NO_RELEASE`.
+    `CHANNEL_ALREADY_EXISTS`, `ETAG_MISMATCH`, `GAME_PUBLISHED`, `BUILD_IN_USE`, `LAST_BUILD`,
+    `NO_BUILDS`, `NOTHING_TO_ROLL_BACK`, `NO_RELEASE`, `MISSING_ROLE`, `TOKEN_INVALID`, `TOKEN_EXPIRED`.
+
+    Events. After a change commits, the service publishes on the platform event bus (Redis
+    Streams): the Game on topic `gamed.games` after CreateGame and UpdateGame, and the new current
+    Release on topic `gamed.releases` after PromoteBuild (when it changed anything) and RollbackChannel.
     """
 
     @_abc_1.abstractmethod
@@ -233,7 +249,8 @@ class GamedServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a game in the DRAFT state, owned by the caller.
 
         Needs the `publisher` or `admin` role. Errors: INVALID_ARGUMENT (bad `game_id`,
-        `display_name`, `description` or `genres`), ALREADY_EXISTS (`GAME_ALREADY_EXISTS`).
+        `display_name`, `description` or `genres`), ALREADY_EXISTS (`GAME_ALREADY_EXISTS`; game ids
+        are global, so this holds also when the existing game is another publisher's hidden draft).
         """
 
     @_abc_1.abstractmethod
@@ -312,7 +329,8 @@ class GamedServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
         """Deletes a build. A build that any channel has released (current or in its history)
-        cannot be deleted (FAILED_PRECONDITION, `BUILD_IN_USE`).
+        cannot be deleted (FAILED_PRECONDITION, `BUILD_IN_USE`), nor the last build of a published
+        game (FAILED_PRECONDITION, `LAST_BUILD`).
         """
 
     @_abc_1.abstractmethod
