@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ class Env:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}={raw!r} is not a finite number")
         if value < minimum:
             raise ConfigError(f"{name}={value} must be at least {minimum}")
         return value
@@ -70,7 +73,7 @@ class Env:
         parts = urlsplit(value)
         if parts.scheme not in schemes:
             raise ConfigError(f"{name} must be a {' or '.join(s + '://' for s in schemes)} URL")
-        if not (parts.netloc or parts.query):
+        if not (parts.netloc or parts.query or (parts.scheme == "unix" and parts.path)):
             raise ConfigError(f"{name} has no host")
         return value
 
@@ -124,12 +127,17 @@ class Settings:
             kid, sep, secret = item.strip().partition(":")
             if not sep or not kid or len(secret) < 32:
                 raise ConfigError("JWT_PREVIOUS_SECRETS must be kid:secret pairs, secrets of 32+ characters")
+            if kid in secrets:
+                raise ConfigError(f"JWT_PREVIOUS_SECRETS repeats the key id {kid!r}")
             secrets[kid] = secret
         current_kid = next(iter(secrets))
+        grpc_listen = env.listen_address("GRPC_LISTEN", f"127.0.0.1:{default_grpc_port}")
+        if grpc_listen is None:
+            raise ConfigError("GRPC_LISTEN is empty: it must be host:port, e.g. 127.0.0.1:50056")
         ready_file = env.text("READY_FILE")
         return cls(
             service_name=name,
-            grpc_listen=env.listen_address("GRPC_LISTEN", f"127.0.0.1:{default_grpc_port}") or "",
+            grpc_listen=grpc_listen,
             metrics_listen=env.listen_address("METRICS_LISTEN", ""),
             ready_file=Path(ready_file) if ready_file else None,
             database_url=env.url("DATABASE_URL", ("postgresql", "postgres", "postgresql+asyncpg")),

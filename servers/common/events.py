@@ -75,9 +75,11 @@ class EventBus:
     async def read_group(
         self, topics: Sequence[str], group: str, consumer: str, *, count: int = 100, block_ms: int = 1000
     ) -> list[Delivery]:
-        """New events for this consumer of `group` (blocks up to `block_ms` when there are none)."""
+        """New events for this consumer of `group` (blocks up to `block_ms` when there are none; 0 = not at all)."""
         streams: dict[Any, Any] = {self.stream_key(topic): ">" for topic in topics}
-        reply: Any = await self._redis.xreadgroup(group, consumer, streams, count=count, block=block_ms)
+        # Redis reads BLOCK 0 as "wait forever", so 0 leaves BLOCK out.
+        block = block_ms if block_ms > 0 else None
+        reply: Any = await self._redis.xreadgroup(group, consumer, streams, count=count, block=block)
         deliveries: list[Delivery] = []
         for key, entries in reply or []:
             topic = (key.decode() if isinstance(key, bytes) else key)[len(self._prefix) :]

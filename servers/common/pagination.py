@@ -70,7 +70,9 @@ class PageTokens:
             payload, mac = _unb64(payload_part), _unb64(mac_part)
         except (ValueError, binascii.Error) as exc:
             raise invalid from exc
-        if not hmac.compare_digest(mac, self._mac(payload)):
+        # Only the canonical encoding: base64 decoding ignores unused trailing bits, so without this
+        # check several different strings would be the same token.
+        if _b64(payload) != payload_part or _b64(mac) != mac_part or not hmac.compare_digest(mac, self._mac(payload)):
             raise invalid
         data = json.loads(payload)
         if data.get("s") != scope or not isinstance(data.get("c"), dict):

@@ -156,7 +156,10 @@ async def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([*spec.service_names, health_name, reflection.SERVICE_NAME], server)
-        port = server.add_insecure_port(settings.grpc_listen)
+        try:
+            port = server.add_insecure_port(settings.grpc_listen)
+        except RuntimeError:  # grpcio raises (older versions returned 0) when the address is in use
+            port = 0
         if port == 0:
             raise ConfigError(f"GRPC_LISTEN={settings.grpc_listen}: the address cannot be bound")
         metrics_port = start_metrics_server(settings.metrics_listen) if settings.metrics_listen else None
