@@ -1,7 +1,7 @@
 """Regenerate everything under generated/ from protos/ (and third_party/googleapis from its wheel).
 
-    python -m tools.generate           write generated/
-    python -m tools.generate --check   exit 1 and list the files a regeneration would change
+python -m tools.generate           write generated/
+python -m tools.generate --check   exit 1 and list the files a regeneration would change
 """
 
 from __future__ import annotations

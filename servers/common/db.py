@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from servers.common.events import EventBus
+from servers.common.outbox import Outbox, StagedEvent
 
 log = structlog.get_logger("far.db")
 
@@ -44,28 +45,42 @@ class UnitOfWork:
 class Database:
     """The engine and the transaction boundary every service uses."""
 
-    def __init__(self, url: str, *, events: EventBus | None = None, pool_size: int = 10) -> None:
+    def __init__(
+        self, url: str, *, events: EventBus | None = None, outbox: Outbox | None = None, pool_size: int = 10
+    ) -> None:
         self.engine: AsyncEngine = create_async_engine(
             async_url(url), pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800
         )
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
         self._events = events
+        self.outbox = outbox
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[UnitOfWork]:
         """Commit once when the block succeeds, roll back when it raises; then publish its events.
 
-        Services only flush; nothing reaches Redis unless the transaction committed.
+        Services only flush; nothing reaches Redis unless the transaction committed. With an outbox the
+        events are written in the same transaction first, so a Redis outage delays them but loses none.
         """
+        staged: list[StagedEvent] = []
         async with self._sessions() as session, session.begin():
             unit = UnitOfWork(session)
             yield unit
-        if unit.pending_events and self._events is not None:
+            if unit.pending_events and self.outbox is not None:
+                staged = await self.outbox.stage(session, unit.pending_events)
+        if staged and self.outbox is not None:
+            await self.outbox.deliver(self._sessions, staged)
+        elif unit.pending_events and self._events is not None:
             for topic, event in unit.pending_events:
                 try:
                     await self._events.publish(topic, event)
                 except Exception:
                     log.exception("event not published after commit", topic=topic)
+
+    async def run_outbox_relay(self, *, interval_s: float = 2.0) -> None:
+        """Publish events left in the outbox (Redis was down when they committed), until cancelled."""
+        if self.outbox is not None:
+            await self.outbox.run_relay(self._sessions, interval_s=interval_s)
 
     async def close(self) -> None:
         await self.engine.dispose()

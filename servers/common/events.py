@@ -23,6 +23,8 @@ class Delivery:
     type: str
     data: bytes
     publish_time_ms: int
+    event_id: str = ""
+    """A publisher-assigned id that stays the same if the event is ever published twice (dedupe on it)."""
 
     def parse(self, message: Message) -> Message:
         """Fill `message` from the payload; the caller checks `type` first."""
@@ -45,15 +47,17 @@ class EventBus:
     def stream_key(self, topic: str) -> str:
         return self._prefix + topic
 
-    async def publish(self, topic: str, event: Message) -> str:
+    async def publish(self, topic: str, event: Message, *, event_id: str = "") -> str:
         """Append an event; returns its stream id (`<ms>-<seq>`)."""
-        fields: dict[Any, Any] = {
-            "type": event.DESCRIPTOR.full_name,
-            "data": event.SerializeToString(),
-            "time": int(time.time() * 1000),
-        }
-        event_id = await self._redis.xadd(self.stream_key(topic), fields, maxlen=self._maxlen, approximate=True)
-        return event_id.decode() if isinstance(event_id, bytes) else str(event_id)
+        return await self.publish_raw(topic, event.DESCRIPTOR.full_name, event.SerializeToString(), event_id=event_id)
+
+    async def publish_raw(self, topic: str, type_name: str, data: bytes, *, event_id: str = "") -> str:
+        """Append an already serialized event of protobuf type `type_name`; returns its stream id."""
+        fields: dict[Any, Any] = {"type": type_name, "data": data, "time": int(time.time() * 1000)}
+        if event_id:
+            fields["eid"] = event_id
+        stream_id = await self._redis.xadd(self.stream_key(topic), fields, maxlen=self._maxlen, approximate=True)
+        return stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
 
     async def ensure_group(self, topic: str, group: str, *, start: str = "0") -> None:
         """Create a consumer group (and the stream) if it does not exist yet."""
@@ -70,6 +74,7 @@ class EventBus:
             type=fields[b"type"].decode(),
             data=fields[b"data"],
             publish_time_ms=int(fields.get(b"time", b"0")),
+            event_id=fields.get(b"eid", b"").decode(),
         )
 
     async def read_group(

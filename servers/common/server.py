@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
+from sqlalchemy import Table
 
 from servers.common.auth import TokenVerifier
 from servers.common.config import ConfigError, Settings
@@ -28,6 +30,7 @@ from servers.common.interceptors import (
     RequestIdInterceptor,
 )
 from servers.common.observability import configure_logging, configure_tracing, start_metrics_server
+from servers.common.outbox import Outbox
 from servers.common.pagination import PageTokens
 
 log = structlog.get_logger("far.server")
@@ -68,6 +71,8 @@ class ServiceSpec:
     setup: Callable[[grpc.aio.Server, Runtime], Awaitable[None]]
     uses_database: bool = True
     uses_redis: bool = True
+    outbox: Table | None = None
+    """The service's outbox table (`servers.common.outbox.outbox_table`); its events then survive Redis outages."""
 
 
 def _database_url(settings: Settings) -> str:
@@ -98,7 +103,10 @@ async def build_runtime(spec: ServiceSpec, settings: Settings) -> Runtime:
         runtime.events = EventBus(redis, settings.redis_key_prefix)
         runtime.on_close(redis.aclose)
     if spec.uses_database:
-        database = Database(_database_url(settings), events=runtime.events)
+        outbox = None
+        if spec.outbox is not None and runtime.events is not None:
+            outbox = Outbox(spec.outbox, runtime.events, source=spec.name)
+        database = Database(_database_url(settings), events=runtime.events, outbox=outbox)
         runtime.database = database
         runtime.on_close(database.close)
     return runtime
@@ -152,6 +160,15 @@ async def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:
     runtime = await build_runtime(spec, settings)
     try:
         await spec.setup(server, runtime)
+        if runtime.database is not None and runtime.database.outbox is not None:
+            relay = asyncio.create_task(runtime.database.run_outbox_relay(), name="outbox-relay")
+
+            async def stop_relay() -> None:
+                relay.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay
+
+            runtime.on_close(stop_relay)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

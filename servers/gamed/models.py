@@ -22,6 +22,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TSVECTOR
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from servers.common.outbox import outbox_table
+
 SCHEMA = "gamed"
 
 
@@ -118,3 +120,6 @@ class ReleaseRow(Base):
         Index("releases_channel_idx", "game_id", "channel_id", "id"),
         Index("releases_build_idx", "game_id", "build_id"),
     )
+
+
+OUTBOX = outbox_table(Base.metadata)

@@ -8,6 +8,7 @@ from far.gamed.v1 import gamed_service_pb2, gamed_service_pb2_grpc
 from servers.common.config import Env
 from servers.common.server import Runtime, ServiceSpec
 from servers.gamed.catalog import Catalog
+from servers.gamed.models import OUTBOX
 from servers.gamed.servicer import GamedServicer
 from servers.gamed.storage import AssetStorage, StorageSettings
 
@@ -21,4 +22,4 @@ async def setup(server: grpc.aio.Server, runtime: Runtime) -> None:
     gamed_service_pb2_grpc.add_GamedServiceServicer_to_server(GamedServicer(runtime.database, catalog), server)
 
 
-SPEC = ServiceSpec(name="gamed", default_port=50056, service_names=[SERVICE_NAME], setup=setup)
+SPEC = ServiceSpec(name="gamed", default_port=50056, service_names=[SERVICE_NAME], setup=setup, outbox=OUTBOX)

@@ -1,0 +1,139 @@
+"""The transactional outbox: events commit with the change, survive a Redis outage, and are relayed once."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from google.protobuf import wrappers_pb2
+from redis.asyncio import Redis
+from sqlalchemy import MetaData, func, select, text
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from servers.common.db import Database
+from servers.common.events import EventBus
+from servers.common.outbox import Outbox, outbox_table
+
+pytestmark = pytest.mark.integration
+
+SCHEMA = "outbox_test"
+TABLE = outbox_table(MetaData(schema=SCHEMA))
+Text = wrappers_pb2.StringValue
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url, decode_responses=False)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def bus(redis_client: Redis, redis_key_prefix: str) -> EventBus:
+    return EventBus(redis_client, redis_key_prefix)
+
+
+@pytest.fixture(scope="module")
+async def dead_bus(redis_key_prefix: str) -> AsyncIterator[EventBus]:
+    """A bus whose Redis is not there (a closed port): every publish fails."""
+    client = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    try:
+        yield EventBus(client, redis_key_prefix)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="module")
+async def schema(database_url: str) -> AsyncIterator[None]:
+    database = Database(database_url, pool_size=1)
+    async with database.engine.begin() as connection:
+        await connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+        await connection.run_sync(TABLE.metadata.create_all)
+    try:
+        yield
+    finally:
+        await database.close()
+
+
+def _database(url: str, bus: EventBus) -> Database:
+    return Database(url, events=bus, outbox=Outbox(TABLE, bus, source="test", relay_delay_s=0), pool_size=2)
+
+
+async def _outbox_rows(database: Database) -> int:
+    async with database.engine.connect() as connection:
+        return int((await connection.execute(select(func.count()).select_from(TABLE))).scalar_one())
+
+
+async def _events(redis_client: Redis, bus: EventBus, topic: str) -> list[tuple[str, str]]:
+    entries = await redis_client.xrange(bus.stream_key(topic))
+    return [(fields[b"eid"].decode(), Text.FromString(fields[b"data"]).value) for _, fields in entries]
+
+
+@pytest.mark.usefixtures("schema")
+class TestOutbox:
+    async def test_committed_events_are_published_and_leave_the_outbox(
+        self, database_url: str, bus: EventBus, redis_client: Redis
+    ) -> None:
+        topic = f"outbox.{uuid.uuid4().hex}"
+        database = _database(database_url, bus)
+        try:
+            async with database.transaction() as unit:
+                unit.publish(topic, Text(value="one"))
+                unit.publish(topic, Text(value="two"))
+            events = await _events(redis_client, bus, topic)
+            assert [value for _, value in events] == ["one", "two"]
+            assert all(event_id.startswith("test:") for event_id, _ in events)
+            assert len({event_id for event_id, _ in events}) == 2
+            assert await _outbox_rows(database) == 0
+        finally:
+            await database.close()
+
+    async def test_rolled_back_events_are_neither_staged_nor_published(
+        self, database_url: str, bus: EventBus, redis_client: Redis
+    ) -> None:
+        topic = f"outbox.{uuid.uuid4().hex}"
+        database = _database(database_url, bus)
+        try:
+
+            async def fail() -> None:
+                async with database.transaction() as unit:
+                    unit.publish(topic, Text(value="never"))
+                    raise Boom
+
+            with pytest.raises(Boom):
+                await fail()
+            assert await _events(redis_client, bus, topic) == []
+            assert await _outbox_rows(database) == 0
+        finally:
+            await database.close()
+
+    async def test_events_survive_a_redis_outage_and_the_relay_publishes_them_once(
+        self, database_url: str, bus: EventBus, dead_bus: EventBus, redis_client: Redis
+    ) -> None:
+        topic = f"outbox.{uuid.uuid4().hex}"
+        down = _database(database_url, dead_bus)
+        up = _database(database_url, bus)
+        try:
+            async with down.transaction() as unit:  # commits although Redis is unreachable
+                unit.publish(topic, Text(value="kept"))
+            assert await _outbox_rows(down) == 1
+            assert await _events(redis_client, bus, topic) == []
+
+            assert up.outbox is not None
+            sessions = async_sessionmaker(up.engine)
+            assert await up.outbox.relay_once(sessions) == 1
+            assert await up.outbox.relay_once(sessions) == 0
+            ((event_id, value),) = await _events(redis_client, bus, topic)
+            assert value == "kept"
+            assert event_id.startswith("test:")
+            assert await _outbox_rows(up) == 0
+        finally:
+            await down.close()
+            await up.close()
