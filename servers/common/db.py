@@ -37,8 +37,11 @@ class UnitOfWork:
 
     session: AsyncSession
     pending_events: list[tuple[str, Message]] = field(default_factory=list)
+    read_only: bool = False
 
     def publish(self, topic: str, event: Message) -> None:
+        if self.read_only:
+            raise RuntimeError("a read-only unit of work cannot publish events")
         self.pending_events.append((topic, event))
 
 
@@ -52,6 +55,9 @@ class Database:
             async_url(url), pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800
         )
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        self._read_sessions = async_sessionmaker(
+            self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False, autoflush=False
+        )
         self._events = events
         self.outbox = outbox
 
@@ -76,6 +82,15 @@ class Database:
                     await self._events.publish(topic, event)
                 except Exception:
                     log.exception("event not published after commit", topic=topic)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[UnitOfWork]:
+        """A unit of work for RPCs that only read: each statement in its own snapshot, no BEGIN/COMMIT.
+
+        Saves two round trips per read RPC; use `transaction()` when reads must see one snapshot or lock.
+        """
+        async with self._read_sessions() as session:
+            yield UnitOfWork(session, read_only=True)
 
     async def run_outbox_relay(self, *, interval_s: float = 2.0) -> None:
         """Publish events left in the outbox (Redis was down when they committed), until cancelled."""

@@ -198,16 +198,13 @@ class Catalog:
         game_id = name_or_id if is_id else parse_name(GAME, name_or_id, field=field)["game"]
         game = await repo.get_game(uow.session, game_id, for_update=for_update)
         if game is None or not _can_see(game, principal):
-            raise NotFound(
-                f"games/{game_id} does not exist",
-                reason="GAME_NOT_FOUND",
-                metadata={"resource": f"games/{game_id}"},
-            )
+            raise _game_not_found(game_id)
         return game
 
     async def _record(self, uow: UnitOfWork, game: GameRow) -> GameRecord:
-        platforms = await repo.platforms_of(uow.session, [game.id])
-        return GameRecord(game, platforms[game.id])
+        found = await repo.get_game_with_platforms(uow.session, game.id)
+        assert found is not None
+        return GameRecord(*found)
 
     async def create_game(self, uow: UnitOfWork, principal: Principal, game_id: str, fields: GameFields) -> GameRecord:
         require_role(principal, Role.PUBLISHER)
@@ -235,7 +232,11 @@ class Catalog:
         return GameRecord(created, [])
 
     async def get_game(self, uow: UnitOfWork, principal: Principal, name: str) -> GameRecord:
-        return await self._record(uow, await self._visible_game(uow, name, principal))
+        game_id = parse_name(GAME, name)["game"]
+        found = await repo.get_game_with_platforms(uow.session, game_id)
+        if found is None or not _can_see(found[0], principal):
+            raise _game_not_found(game_id)
+        return GameRecord(*found)
 
     async def list_games(self, uow: UnitOfWork, principal: Principal, q: GameListQuery) -> tuple[list[GameRecord], str]:
         limit = page_size(q.page_size)
@@ -275,14 +276,13 @@ class Catalog:
         next_token = ""
         if len(rows) > limit:
             rows = rows[:limit]
-            last = rows[-1]
+            last = rows[-1][0]
             column = repo.GAME_ORDERS[order_by][0].key
             value = getattr(last, column)
             next_token = self._tokens.encode(
                 {"v": value.isoformat() if hasattr(value, "isoformat") else value, "id": last.id}, scope=scope
             )
-        platforms = await repo.platforms_of(uow.session, [row.id for row in rows])
-        return [GameRecord(row, platforms[row.id]) for row in rows], next_token
+        return [GameRecord(game, platforms) for game, platforms in rows], next_token
 
     async def update_game(
         self, uow: UnitOfWork, principal: Principal, name: str, fields: GameFields, paths: set[str], etag: str
@@ -614,6 +614,12 @@ class Catalog:
             rows = rows[:limit]
             next_token = self._tokens.encode({"id": rows[-1].id}, scope=scope)
         return rows, next_token
+
+
+def _game_not_found(game_id: str) -> NotFound:
+    return NotFound(
+        f"games/{game_id} does not exist", reason="GAME_NOT_FOUND", metadata={"resource": f"games/{game_id}"}
+    )
 
 
 def _channel_not_found(name: str) -> NotFound:

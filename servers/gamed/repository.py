@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import aggregate_order_by, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from servers.gamed.models import BuildRow, ChannelRow, GameRow, ReleaseRow
@@ -32,26 +32,25 @@ async def insert_game(session: AsyncSession, row: GameRow) -> bool:
     return result.scalar_one_or_none() is not None
 
 
+# The platforms that have builds, in enum order, as a correlated subquery (one round trip per read).
+_PLATFORMS = (
+    select(func.coalesce(func.array_agg(aggregate_order_by(BuildRow.platform.distinct(), BuildRow.platform)), []))
+    .where(BuildRow.game_id == GameRow.id)
+    .scalar_subquery()
+    .label("platforms")
+)
+
+
+async def get_game_with_platforms(session: AsyncSession, game_id: str) -> tuple[GameRow, list[int]] | None:
+    row = (await session.execute(select(GameRow, _PLATFORMS).where(GameRow.id == game_id))).one_or_none()
+    return None if row is None else (row[0], list(row[1]))
+
+
 async def get_game(session: AsyncSession, game_id: str, *, for_update: bool = False) -> GameRow | None:
     query = select(GameRow).where(GameRow.id == game_id)
     if for_update:
         query = query.with_for_update()
     return (await session.execute(query)).scalar_one_or_none()
-
-
-async def platforms_of(session: AsyncSession, game_ids: Sequence[str]) -> dict[str, list[int]]:
-    if not game_ids:
-        return {}
-    rows = await session.execute(
-        select(BuildRow.game_id, BuildRow.platform)
-        .where(BuildRow.game_id.in_(game_ids))
-        .distinct()
-        .order_by(BuildRow.game_id, BuildRow.platform)
-    )
-    platforms: dict[str, list[int]] = {game_id: [] for game_id in game_ids}
-    for game_id, platform in rows:
-        platforms[game_id].append(platform)
-    return platforms
 
 
 async def list_games(
@@ -67,8 +66,8 @@ async def list_games(
     order_by: str,
     after: tuple[Any, str] | None,
     limit: int,
-) -> list[GameRow]:
-    """Games matching every filter in the given order, after the keyset cursor `after` (sort value, id).
+) -> list[tuple[GameRow, list[int]]]:
+    """Games and their platforms matching every filter in order, after the keyset cursor `after` (value, id).
 
     `visible_to` is the caller's wallet ("" for anonymous callers, None for admins, who see everything).
     """
@@ -90,8 +89,8 @@ async def list_games(
         key = tuple_(column, GameRow.id)
         conditions.append(key < tuple_(*after) if descending else key > tuple_(*after))
     order = (column.desc(), GameRow.id.desc()) if descending else (column.asc(), GameRow.id.asc())
-    result = await session.execute(select(GameRow).where(*conditions).order_by(*order).limit(limit))
-    return list(result.scalars())
+    result = await session.execute(select(GameRow, _PLATFORMS).where(*conditions).order_by(*order).limit(limit))
+    return [(game, list(platforms)) for game, platforms in result]
 
 
 async def delete_game(session: AsyncSession, game_id: str) -> None:

@@ -49,7 +49,7 @@ class GamedServicer(gamed_service_pb2_grpc.GamedServiceServicer):
         return game
 
     async def GetGame(self, request: gamed_service_pb2.GetGameRequest, context: Context) -> game_pb2.Game:
-        async with self._db.transaction() as uow:
+        async with self._db.read() as uow:
             return convert.game(await self._catalog.get_game(uow, current_principal(), request.name))
 
     async def ListGames(
@@ -65,7 +65,7 @@ class GamedServicer(gamed_service_pb2_grpc.GamedServiceServicer):
             state=request.state,
             order_by=request.order_by,
         )
-        async with self._db.transaction() as uow:
+        async with self._db.read() as uow:
             records, token = await self._catalog.list_games(uow, current_principal(), query)
             return gamed_service_pb2.ListGamesResponse(games=[convert.game(r) for r in records], next_page_token=token)
 
@@ -99,13 +99,13 @@ class GamedServicer(gamed_service_pb2_grpc.GamedServiceServicer):
             return convert.build(row)
 
     async def GetBuild(self, request: gamed_service_pb2.GetBuildRequest, context: Context) -> build_pb2.Build:
-        async with self._db.transaction() as uow:
+        async with self._db.read() as uow:
             return convert.build(await self._catalog.get_build(uow, current_principal(), request.name))
 
     async def ListBuilds(
         self, request: gamed_service_pb2.ListBuildsRequest, context: Context
     ) -> gamed_service_pb2.ListBuildsResponse:
-        async with self._db.transaction() as uow:
+        async with self._db.read() as uow:
             rows, token = await self._catalog.list_builds(
                 uow,
                 current_principal(),
@@ -125,7 +125,7 @@ class GamedServicer(gamed_service_pb2_grpc.GamedServiceServicer):
         self, request: gamed_service_pb2.GenerateUploadLinksRequest, context: Context
     ) -> gamed_service_pb2.GenerateUploadLinksResponse:
         ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else None
-        async with self._db.transaction() as uow:
+        async with self._db.read() as uow:
             link_set = await self._catalog.upload_links(uow, current_principal(), request.name, ttl)
         links, expire_time = convert.links(link_set, datetime.now(UTC))
         return gamed_service_pb2.GenerateUploadLinksResponse(links=links, expire_time=expire_time)
@@ -134,7 +134,7 @@ class GamedServicer(gamed_service_pb2_grpc.GamedServiceServicer):
         self, request: gamed_service_pb2.GenerateDownloadLinksRequest, context: Context
     ) -> gamed_service_pb2.GenerateDownloadLinksResponse:
         ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else None
-        async with self._db.transaction() as uow:
+        async with self._db.read() as uow:
             link_set = await self._catalog.download_links(
                 uow,
                 current_principal(),
@@ -163,14 +163,14 @@ class GamedServicer(gamed_service_pb2_grpc.GamedServiceServicer):
             return convert.channel(record.row, record.current)
 
     async def GetChannel(self, request: gamed_service_pb2.GetChannelRequest, context: Context) -> channel_pb2.Channel:
-        async with self._db.transaction() as uow:
+        async with self._db.read() as uow:
             record = await self._catalog.get_channel(uow, current_principal(), request.name)
             return convert.channel(record.row, record.current)
 
     async def ListChannels(
         self, request: gamed_service_pb2.ListChannelsRequest, context: Context
     ) -> gamed_service_pb2.ListChannelsResponse:
-        async with self._db.transaction() as uow:
+        async with self._db.read() as uow:
             records, token = await self._catalog.list_channels(
                 uow, current_principal(), request.parent, request.page_size, request.page_token
             )
@@ -205,7 +205,7 @@ class GamedServicer(gamed_service_pb2_grpc.GamedServiceServicer):
     async def ListReleases(
         self, request: gamed_service_pb2.ListReleasesRequest, context: Context
     ) -> gamed_service_pb2.ListReleasesResponse:
-        async with self._db.transaction() as uow:
+        async with self._db.read() as uow:
             rows, token = await self._catalog.list_releases(
                 uow,
                 current_principal(),
