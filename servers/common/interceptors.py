@@ -164,8 +164,13 @@ class ObservabilityInterceptor(AroundInterceptor):
         started = time.perf_counter()
         failed = True
         try:
-            async for response in behavior(request, context):
-                yield response
+            if self._tracer is None:
+                async for response in behavior(request, context):
+                    yield response
+            else:
+                with self._span(method, context):
+                    async for response in behavior(request, context):
+                        yield response
             failed = False
         finally:
             self._finish(method, started, context, failed)
