@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import pytest
 from far.gamed.v1 import gamed_service_pb2_grpc
+from redis.asyncio import Redis
 
 from servers.common.config import Settings
+from servers.common.events import EventBus
 from servers.common.server import RunningServer, start_server
 from servers.gamed.server import SPEC as GAMED
 
@@ -42,3 +44,18 @@ def auth(make_token: Callable[..., str]) -> Callable[..., tuple[tuple[str, str],
         return (("authorization", f"Bearer {make_token(subject, roles or ('user',))}"),)
 
     return metadata
+
+
+@pytest.fixture(scope="module")
+async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url, decode_responses=False)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def bus(redis_client: Redis, redis_key_prefix: str) -> EventBus:
+    """An event bus on the run's Redis and key prefix."""
+    return EventBus(redis_client, redis_key_prefix)

@@ -31,20 +31,6 @@ class Boom(Exception):
 
 
 @pytest.fixture(scope="module")
-async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url, decode_responses=False)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture(scope="module")
-def bus(redis_client: Redis, redis_key_prefix: str) -> EventBus:
-    return EventBus(redis_client, redis_key_prefix)
-
-
-@pytest.fixture(scope="module")
 async def database(database_url: str, bus: EventBus) -> AsyncIterator[Database]:
     db = Database(database_url, events=bus, pool_size=2)
     async with db.engine.begin() as connection:

@@ -6,7 +6,6 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from google.protobuf import wrappers_pb2
@@ -18,20 +17,6 @@ from servers.common.events import Delivery, EventBus
 pytestmark = pytest.mark.integration
 
 Text = wrappers_pb2.StringValue
-
-
-@pytest.fixture(scope="module")
-async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url, decode_responses=False)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-def bus(redis_client: Redis, redis_key_prefix: str) -> EventBus:
-    return EventBus(redis_client, redis_key_prefix)
 
 
 @pytest.fixture

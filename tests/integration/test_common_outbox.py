@@ -27,20 +27,6 @@ class Boom(Exception):
 
 
 @pytest.fixture(scope="module")
-async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url, decode_responses=False)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture(scope="module")
-def bus(redis_client: Redis, redis_key_prefix: str) -> EventBus:
-    return EventBus(redis_client, redis_key_prefix)
-
-
-@pytest.fixture(scope="module")
 async def dead_bus(redis_key_prefix: str) -> AsyncIterator[EventBus]:
     """A bus whose Redis is not there (a closed port): every publish fails."""
     client = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
