@@ -26,7 +26,7 @@ node_modules/.stamp: package.json package-lock.json
 
 install: $(VENV)/.stamp node_modules/.stamp ## Create .venv and node_modules (a no-op when nothing changed)
 
-generate: install ## Regenerate generated/ (Python stubs, descriptor set, OpenAPI) from protos/
+generate: install ## Regenerate generated/ (Python stubs, descriptor set, OpenAPI, contract ABIs + bytecode) from protos/ and contracts/
 	$(PY) -m tools.generate
 
 lint: install ## ruff, mypy, buf lint, buf breaking against main, generated code up to date

@@ -8,6 +8,11 @@
 implemented server and Envoy on the default ports, prints the endpoints and waits. Ctrl-C or SIGTERM
 stops servers, then Envoy, then the embedded PostgreSQL/Redis it started.
 
+With BSC_RPC_URL unset it also starts anvil (chain id 97) on ANVIL_PORT (8545), deploys FARToken,
+InferencePayment and Staking, funds dev accounts, writes .run/chain/deployments.json and gives the
+services BSC_RPC_URL and FAR_TOKEN_ADDRESS / FAR_INFERENCE_PAYMENT_ADDRESS / FAR_STAKING_ADDRESS; with
+BSC_RPC_URL set nothing is deployed and those three addresses must be set (devstack/chain.py).
+
 Port overrides: <SERVICE>_GRPC_PORT, <SERVICE>_METRICS_PORT (e.g. GAMED_GRPC_PORT), ENVOY_HTTP_PORT,
 ENVOY_ADMIN_PORT. DEVSTACK_HOST is where servers listen (127.0.0.1), ENVOY_LISTEN_HOST where
 Envoy's web listener does (127.0.0.1; 0.0.0.0 to reach it from other machines), DEVSTACK_SERVICES a
@@ -27,12 +32,16 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from devstack import catalog
 from devstack import envoy as envoy_config
 from devstack.processes import PortInUse, ProcessDied, require_free_ports
 from devstack.stack import EndpointRow, Stack, run_migrations, wait_healthy
 from servers.common.embedded import EmbeddedServer, EmbeddedStartError, ensure_redis, start_postgres
+
+if TYPE_CHECKING:
+    from devstack.chain import DevChain
 
 DATABASE_NAME = "far"
 
@@ -133,6 +142,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     embedded: list[EmbeddedServer] = []
     stack: Stack | None = None
+    dev_chain: DevChain | None = None
     status = 0
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -175,6 +185,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             env["JWT_SECRET"] = _jwt_secret(run_dir)
             say(f"auth: JWT_SECRET from {_rel(run_dir / 'jwt_secret')}")
 
+        # The chain (BSC_RPC_URL and the contract addresses): anvil with the contracts when unset.
+        from devstack.chain import devstack_chain  # imports web3 (a second); only `up` needs it
+
+        chain_env, dev_chain = devstack_chain(os.environ, run_dir, log_dir, say)
+        env.update(chain_env)
+
         names = [s.name for s in services]
         if names and importlib.util.find_spec("servers.common.migrations") is None:
             say("migrations: skipped (servers.common.migrations does not exist yet)")
@@ -206,8 +222,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"Envoy admin  {stack.envoy_admin_url}  (loopback only)")
         print(f"config       {_rel(stack.envoy_config_path)}")
         print(f"logs         {_rel(stack.log_dir)}/  ({', '.join(p.name for p in stack.iter_log_files())})")
-        for name in ("DATABASE_URL", "REDIS_URL"):
+        for name in ("DATABASE_URL", "REDIS_URL", "BSC_RPC_URL"):
             print(f"{name:<12} {env.get(name) or os.environ.get(name, '')}")
+        if dev_chain is not None:
+            print(f"chain        {_rel(dev_chain.deployments_file)}  (chain id 97, dev accounts funded with FAR)")
         print("\nCtrl-C stops everything.", flush=True)
         while True:
             stack.check_alive()
@@ -227,6 +245,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         if stack is not None:
             stack.stop()
             say("servers and Envoy stopped")
+        if dev_chain is not None:
+            dev_chain.stop()
+            say(f"anvil: stopped (pid {dev_chain.anvil.pid})")
         for server in reversed(embedded):
             server.stop()
             say(f"{server.name}: stopped (pid {server.pid})")

@@ -1,4 +1,5 @@
-"""Regenerate everything under generated/ from protos/ (and third_party/googleapis from its wheel).
+"""Regenerate everything under generated/ from protos/ (and third_party/googleapis from its wheel),
+and the contract artefacts in generated/contracts/ from contracts/ (tools/compile_contracts.py).
 
 python -m tools.generate           write generated/
 python -m tools.generate --check   exit 1 and list the files a regeneration would change
@@ -37,6 +38,7 @@ VENDORED_GOOGLE_PROTOS = (
 DESCRIPTOR_EXTRAS = ("google/rpc/status.proto", "google/rpc/error_details.proto")
 DESCRIPTOR_SET = "descriptors/far.binpb"
 OPENAPI = "openapi/far.openapi.json"
+CONTRACT_ARTEFACTS = "contracts"
 
 
 def _package_dir(name: str) -> Path:
@@ -122,6 +124,10 @@ def generate(out: Path, googleapis: Path) -> None:
     openapi.parent.mkdir(parents=True)
     write_openapi(descriptor, openapi)
 
+    from tools.compile_contracts import compile_contracts
+
+    compile_contracts(out / CONTRACT_ARTEFACTS)
+
 
 def _tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
@@ -156,7 +162,7 @@ def main() -> int:
         generate(staged, staged_google)
         shutil.rmtree(GENERATED, ignore_errors=True)
         shutil.copytree(staged, GENERATED)
-    print(f"generated {len(far_protos())} protos into {GENERATED.relative_to(ROOT)}/")
+    print(f"generated {len(far_protos())} protos and the contracts into {GENERATED.relative_to(ROOT)}/")
     return 0
 
 
