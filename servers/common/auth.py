@@ -1,17 +1,22 @@
-"""Identities: access JWTs (HS256 with key ids for rotation), principals and roles, wallet signatures."""
+"""Identities: access JWTs (HS256 with key ids for rotation), principals and roles, wallet signatures,
+and the revocation list that refuses signed-out tokens before they expire."""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 
-from servers.common.errors import PermissionDenied, Unauthenticated
+from servers.common.errors import PermissionDenied, Unauthenticated, Unavailable
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 
 class Role(StrEnum):
@@ -31,6 +36,8 @@ class Principal:
     roles: frozenset[str] = field(default_factory=frozenset)
     token_id: str = ""
     expires_at: float = 0.0
+    session_id: str = ""
+    """The auth session the token belongs to (its `sid` claim); empty for tokens issued outside a session."""
 
     @property
     def is_authenticated(self) -> bool:
@@ -106,12 +113,25 @@ class TokenVerifier:
         roles = claims.get("roles", [])
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise Unauthenticated("the access token's roles claim is malformed", reason="TOKEN_INVALID")
+        session_id = claims.get("sid", "")
+        if not isinstance(session_id, str):
+            raise Unauthenticated("the access token's sid claim is malformed", reason="TOKEN_INVALID")
         return Principal(
             subject=str(claims["sub"]).lower(),
             roles=frozenset(roles),
             token_id=str(claims["jti"]),
             expires_at=float(claims["exp"]),
+            session_id=session_id,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    """A signed access token with the claims its issuer keeps: `jti` (to revoke it) and `exp`."""
+
+    token: str
+    token_id: str
+    expires_at: int
 
 
 class TokenIssuer:
@@ -121,22 +141,76 @@ class TokenIssuer:
         self._keys = keys
 
     def issue(self, subject: str, roles: Iterable[str], *, ttl_s: float = 900.0) -> str:
-        now = int(time.time())
-        claims = {
+        return self.issue_token(subject, roles, ttl_s=ttl_s).token
+
+    def issue_token(
+        self,
+        subject: str,
+        roles: Iterable[str],
+        *,
+        ttl_s: float = 900.0,
+        session_id: str = "",
+        now: float | None = None,
+    ) -> IssuedToken:
+        """A token for `subject` with `roles`, valid `ttl_s` from `now`; `session_id` goes in the `sid` claim."""
+        issued_at = int(time.time() if now is None else now)
+        claims: dict[str, Any] = {
             "iss": self._keys.issuer,
             "aud": self._keys.audience,
             "sub": subject.lower(),
             "roles": sorted(set(roles)),
-            "iat": now,
-            "exp": now + int(ttl_s),
+            "iat": issued_at,
+            "exp": issued_at + int(ttl_s),
             "jti": uuid.uuid4().hex,
         }
-        return jwt.encode(
+        if session_id:
+            claims["sid"] = session_id
+        token = jwt.encode(
             claims,
             self._keys.secrets[self._keys.current_kid],
             algorithm="HS256",
             headers={"kid": self._keys.current_kid},
         )
+        return IssuedToken(token=token, token_id=claims["jti"], expires_at=claims["exp"])
+
+
+class RevocationList:
+    """Access tokens refused before they expire: `<prefix>auth:revoked:<jti>` keys in Redis.
+
+    The auth service adds the token ids of signed-out and revoked sessions; every server's auth
+    interceptor checks the id of each token it accepts (one EXISTS per authenticated call). A key lives
+    until its token would have expired anyway, so the list stays as small as the set of live tokens.
+    """
+
+    def __init__(self, redis: Redis, key_prefix: str, *, leeway_s: float = 5.0) -> None:
+        self._redis = redis
+        self._prefix = f"{key_prefix}auth:revoked:"
+        self._leeway = leeway_s
+
+    def key(self, token_id: str) -> str:
+        return self._prefix + token_id
+
+    async def is_revoked(self, token_id: str) -> bool:
+        """Whether the token was revoked; UNAVAILABLE when Redis cannot answer (a revoked token must not pass)."""
+        try:
+            return bool(await self._redis.exists(self.key(token_id)))
+        except Exception as exc:  # redis-py raises its own errors and OSError subclasses
+            raise Unavailable(
+                "cannot check whether the access token was revoked; retry", reason="REVOCATION_CHECK_UNAVAILABLE"
+            ) from exc
+
+    async def revoke(self, tokens: Iterable[tuple[str, float]], *, now: float | None = None) -> None:
+        """Refuse each `(token_id, expires_at)` from now on; tokens that already expired are skipped."""
+        current = time.time() if now is None else now
+        async with self._redis.pipeline(transaction=False) as pipe:
+            queued = False
+            for token_id, expires_at in tokens:
+                ttl = math.ceil(expires_at - current + self._leeway)
+                if ttl > 0:
+                    pipe.set(self.key(token_id), b"1", ex=ttl)
+                    queued = True
+            if queued:
+                await pipe.execute()
 
 
 def recover_wallet(message: str, signature: str) -> str:

@@ -15,7 +15,7 @@ import structlog
 from grpc_status import rpc_status
 from opentelemetry import propagate, trace
 
-from servers.common.auth import TokenVerifier
+from servers.common.auth import RevocationList, TokenVerifier
 from servers.common.context import principal_var, request_id_var
 from servers.common.errors import DomainError, Unauthenticated, to_rpc_status
 from servers.common.errors import internal_status as _internal_status
@@ -180,12 +180,14 @@ class AuthInterceptor(AroundInterceptor):
     """Verifies `authorization: Bearer <jwt>` when present and puts the caller in a contextvar.
 
     A call without a token runs as ANONYMOUS; each service decides what anonymous callers may do.
-    A bad or expired token is UNAUTHENTICATED before the service sees the call.
+    A bad or expired token is UNAUTHENTICATED before the service sees the call, and so is a token on
+    the revocation list (signed out or revoked: reason TOKEN_REVOKED) when the server has Redis.
     """
 
-    def __init__(self, verifier: TokenVerifier, domain: str) -> None:
+    def __init__(self, verifier: TokenVerifier, domain: str, revocations: RevocationList | None = None) -> None:
         self._verifier = verifier
         self._domain = domain
+        self._revocations = revocations
 
     def skip(self, method: str) -> bool:
         return method.startswith(_UNOBSERVED_PREFIXES)
@@ -198,7 +200,10 @@ class AuthInterceptor(AroundInterceptor):
         try:
             if scheme.lower() != "bearer" or not token:
                 raise Unauthenticated("the authorization header must be 'Bearer <token>'", reason="TOKEN_INVALID")
-            principal_var.set(self._verifier.verify(token.strip()))
+            principal = self._verifier.verify(token.strip())
+            if self._revocations is not None and await self._revocations.is_revoked(principal.token_id):
+                raise Unauthenticated("the access token was revoked (signed out)", reason="TOKEN_REVOKED")
+            principal_var.set(principal)
         except DomainError as error:
             await abort_with_error(context, error, self._domain)
 

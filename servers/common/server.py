@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 from sqlalchemy import Table
 
-from servers.common.auth import TokenVerifier
+from servers.common.auth import RevocationList, TokenVerifier
 from servers.common.config import ConfigError, Settings
 from servers.common.db import Database, redact
 from servers.common.events import EventBus
@@ -47,6 +47,7 @@ class Runtime:
     database: Database | None = None
     redis: Redis | None = None
     events: EventBus | None = None
+    revocations: RevocationList | None = None
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
@@ -101,6 +102,7 @@ async def build_runtime(spec: ServiceSpec, settings: Settings) -> Runtime:
         redis = Redis.from_url(_redis_url(settings), decode_responses=False)
         runtime.redis = redis
         runtime.events = EventBus(redis, settings.redis_key_prefix)
+        runtime.revocations = RevocationList(redis, settings.redis_key_prefix)
         runtime.on_close(redis.aclose)
     if spec.uses_database:
         outbox = None
@@ -144,11 +146,13 @@ async def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:
     """Build the server with the common interceptors, health and reflection, and start it."""
     tracing = configure_tracing(spec.name, settings.traces_exporter)
     domain = settings.error_domain
+    runtime = await build_runtime(spec, settings)
     server = grpc.aio.server(
         interceptors=[
             RequestIdInterceptor(),
             ObservabilityInterceptor(tracing=tracing),
-            AuthInterceptor(TokenVerifier(settings.jwt_keys), domain),
+            # With Redis, revoked (signed-out) access tokens are refused before they expire.
+            AuthInterceptor(TokenVerifier(settings.jwt_keys), domain, runtime.revocations),
             ErrorInterceptor(domain),
         ],
         options=[
@@ -157,7 +161,6 @@ async def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:
             ("grpc.so_reuseport", 0),
         ],
     )
-    runtime = await build_runtime(spec, settings)
     try:
         await spec.setup(server, runtime)
         if runtime.database is not None and runtime.database.outbox is not None:

@@ -1,8 +1,8 @@
 """The platform as `make run` starts it: real server processes behind a real Envoy.
 
-`stack` (session-scoped) runs the gamed migrations the way `make run` does, starts
-`python -m servers.gamed` on a free port and Envoy on free ports in front of it, and stops both at the
-end of the run whatever happens. Logs: `stack.log_dir` (printed when a test fails).
+`stack` (session-scoped) runs the migrations of SERVICES the way `make run` does, starts
+`python -m servers.<service>` for each on a free port and Envoy on free ports in front of them, and stops
+them all at the end of the run whatever happens. Logs: `stack.log_dir` (printed when a test fails).
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ from collections.abc import Generator, Iterator
 
 import grpc
 import pytest
+from eth_account import Account
 
 from devstack.stack import Stack, run_migrations
 
-SERVICES = ["gamed"]
+SERVICES = ["gamed", "auth"]
+# A fixed dev key whose wallet is the auth service's bootstrap admin in the stack (AUTH_BOOTSTRAP_ADMINS).
+E2E_ADMIN_KEY = "0x" + "e2" * 32
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +37,7 @@ def stack_env(
         "DRAIN_DELAY_SECONDS": "0",
         "SHUTDOWN_GRACE_SECONDS": "2",
         "FAR_DATA_DIR": str(tmp_path_factory.mktemp("far-data")),
+        "AUTH_BOOTSTRAP_ADMINS": Account.from_key(E2E_ADMIN_KEY).address,
     }
 
 

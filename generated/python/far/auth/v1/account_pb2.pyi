@@ -96,7 +96,8 @@ class Account(_message.Message):
     def roles(self) -> _containers.RepeatedScalarFieldContainer[Global___Role.ValueType]:
         """The roles the account holds, in enum order, without duplicates. Always contains
         ROLE_USER. Changed only by GrantRole and RevokeRole (and by the bootstrap admin list in
-        the auth service's configuration, `AUTH_ADMIN_WALLETS`).
+        the auth service's configuration, `AUTH_BOOTSTRAP_ADMINS`: those wallets get ROLE_ADMIN
+        at their first sign-in).
         """
 
     @_builtins.property

@@ -99,7 +99,7 @@ class CreateChallengeResponse(_message.Message):
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the challenge expires (the message's `Expiration Time`); SignIn after it fails
-        with `CHALLENGE_NOT_FOUND`.
+        with `MESSAGE_EXPIRED`.
         """
 
     def __init__(

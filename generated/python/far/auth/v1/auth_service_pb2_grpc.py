@@ -50,9 +50,12 @@ class AuthServiceStub:
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
     `UNAUTHENTICATED`, `PERMISSION_DENIED`, `ACCOUNT_NOT_FOUND`, `SESSION_NOT_FOUND`,
     `DOMAIN_NOT_ALLOWED`, `CHAIN_NOT_SUPPORTED`, `CHALLENGE_NOT_FOUND`, `MESSAGE_MISMATCH`,
-    `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`, `REFRESH_TOKEN_EXPIRED`,
-    `REFRESH_TOKEN_REUSED`, `SESSION_REVOKED`, `ROLE_NOT_GRANTABLE`, `LAST_ADMIN`,
-    `RATE_LIMITED` (RESOURCE_EXHAUSTED, with a `google.rpc.RetryInfo`).
+    `DOMAIN_MISMATCH`, `URI_MISMATCH`, `CHAIN_MISMATCH`, `MESSAGE_EXPIRED`,
+    `MESSAGE_NOT_YET_VALID`, `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`,
+    `REFRESH_TOKEN_EXPIRED`, `REFRESH_TOKEN_REUSED`, `SESSION_REVOKED`, `ROLE_NOT_GRANTABLE`,
+    `LAST_ADMIN`, `RATE_LIMITED` (RESOURCE_EXHAUSTED, with a `google.rpc.RetryInfo`). Every FAR
+    service refuses a signed-out or revoked access token with UNAUTHENTICATED (`TOKEN_REVOKED`),
+    an expired one with `TOKEN_EXPIRED` and any other bad one with `TOKEN_INVALID`.
     """
 
     def __init__(self, channel):
@@ -135,22 +138,26 @@ class AuthServiceServicer:
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
     `UNAUTHENTICATED`, `PERMISSION_DENIED`, `ACCOUNT_NOT_FOUND`, `SESSION_NOT_FOUND`,
     `DOMAIN_NOT_ALLOWED`, `CHAIN_NOT_SUPPORTED`, `CHALLENGE_NOT_FOUND`, `MESSAGE_MISMATCH`,
-    `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`, `REFRESH_TOKEN_EXPIRED`,
-    `REFRESH_TOKEN_REUSED`, `SESSION_REVOKED`, `ROLE_NOT_GRANTABLE`, `LAST_ADMIN`,
-    `RATE_LIMITED` (RESOURCE_EXHAUSTED, with a `google.rpc.RetryInfo`).
+    `DOMAIN_MISMATCH`, `URI_MISMATCH`, `CHAIN_MISMATCH`, `MESSAGE_EXPIRED`,
+    `MESSAGE_NOT_YET_VALID`, `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`,
+    `REFRESH_TOKEN_EXPIRED`, `REFRESH_TOKEN_REUSED`, `SESSION_REVOKED`, `ROLE_NOT_GRANTABLE`,
+    `LAST_ADMIN`, `RATE_LIMITED` (RESOURCE_EXHAUSTED, with a `google.rpc.RetryInfo`). Every FAR
+    service refuses a signed-out or revoked access token with UNAUTHENTICATED (`TOKEN_REVOKED`),
+    an expired one with `TOKEN_EXPIRED` and any other bad one with `TOKEN_INVALID`.
     """
 
     def CreateChallenge(self, request, context):
         """Creates a sign-in challenge: the EIP-4361 message for the wallet to sign.
 
         The nonce in the message is random (16 alphanumeric characters), single-use and kept in
-        Redis until `expire_time` (5 minutes by default, `AUTH_CHALLENGE_TTL`) together with the
-        exact message text; SignIn accepts only that text. Public.
+        Redis until `expire_time` (5 minutes by default, `AUTH_NONCE_TTL_SECONDS`) together with
+        the exact message text; SignIn accepts only that text. Public.
 
         Errors: INVALID_ARGUMENT (bad `wallet_address`, `domain` or `uri`; `DOMAIN_NOT_ALLOWED`
-        when `domain` is not one of the configured sign-in domains, `AUTH_ALLOWED_DOMAINS`;
-        `CHAIN_NOT_SUPPORTED` when `chain_id` is not a configured chain), RESOURCE_EXHAUSTED
-        (`RATE_LIMITED`: too many challenges for this address or client address).
+        when `domain` is not one of the configured sign-in domains, `AUTH_SIWE_DOMAINS`;
+        `CHAIN_NOT_SUPPORTED` when `chain_id` is not a configured chain, `AUTH_CHAIN_IDS`),
+        RESOURCE_EXHAUSTED (`RATE_LIMITED`: too many challenges for this wallet within one minute,
+        `AUTH_CHALLENGES_PER_MINUTE`; the RetryInfo says when the next minute starts).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -159,17 +166,24 @@ class AuthServiceServicer:
     def SignIn(self, request, context):
         """Signs in: checks a signed challenge and starts a session.
 
-        The nonce is looked up and deleted in one step, so it is consumed by the first SignIn
-        that presents it, whether or not the signature verifies. The message must be exactly
-        the text CreateChallenge returned, and the signature must recover (EIP-191) to the
-        message's address. Externally owned accounts only in this version: signatures of
+        The checks, in order: the message's domain must be a sign-in domain, its URI on that
+        domain, its chain a configured one, and the time between its `Issued At` and its
+        `Expiration Time` (a message failing these is refused before its nonce is looked up).
+        Then the nonce is looked up and deleted in one step, so it is consumed by the first
+        SignIn that presents it, whether or not the signature verifies. The message must be
+        exactly the text CreateChallenge returned, and the signature must recover (EIP-191) to
+        the message's address. Externally owned accounts only in this version: signatures of
         contract wallets (EIP-1271) fail with `INVALID_SIGNATURE`. The account is created on
-        its first sign-in with the `user` role. Public.
+        its first sign-in with the `user` role (and `admin` if its wallet is in the bootstrap
+        list `AUTH_BOOTSTRAP_ADMINS`). Public.
 
         Errors: INVALID_ARGUMENT (not an EIP-4361 message, or a signature that is not 65 bytes
-        of hex), UNAUTHENTICATED (`CHALLENGE_NOT_FOUND`: unknown, used or expired nonce;
-        `MESSAGE_MISMATCH`: the text differs from the issued one; `INVALID_SIGNATURE`),
-        RESOURCE_EXHAUSTED (`RATE_LIMITED`).
+        of hex), UNAUTHENTICATED (`DOMAIN_MISMATCH`, `URI_MISMATCH`, `CHAIN_MISMATCH`: the
+        message names a domain, URI or chain that is not configured, or not the one its
+        challenge was issued for; `MESSAGE_EXPIRED`: past its `Expiration Time`;
+        `MESSAGE_NOT_YET_VALID`: `Issued At` or `Not Before` in the future;
+        `CHALLENGE_NOT_FOUND`: unknown, used or expired nonce; `MESSAGE_MISMATCH`: the text
+        differs from the issued one; `INVALID_SIGNATURE`), RESOURCE_EXHAUSTED (`RATE_LIMITED`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -357,9 +371,12 @@ class AuthService:
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
     `UNAUTHENTICATED`, `PERMISSION_DENIED`, `ACCOUNT_NOT_FOUND`, `SESSION_NOT_FOUND`,
     `DOMAIN_NOT_ALLOWED`, `CHAIN_NOT_SUPPORTED`, `CHALLENGE_NOT_FOUND`, `MESSAGE_MISMATCH`,
-    `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`, `REFRESH_TOKEN_EXPIRED`,
-    `REFRESH_TOKEN_REUSED`, `SESSION_REVOKED`, `ROLE_NOT_GRANTABLE`, `LAST_ADMIN`,
-    `RATE_LIMITED` (RESOURCE_EXHAUSTED, with a `google.rpc.RetryInfo`).
+    `DOMAIN_MISMATCH`, `URI_MISMATCH`, `CHAIN_MISMATCH`, `MESSAGE_EXPIRED`,
+    `MESSAGE_NOT_YET_VALID`, `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`,
+    `REFRESH_TOKEN_EXPIRED`, `REFRESH_TOKEN_REUSED`, `SESSION_REVOKED`, `ROLE_NOT_GRANTABLE`,
+    `LAST_ADMIN`, `RATE_LIMITED` (RESOURCE_EXHAUSTED, with a `google.rpc.RetryInfo`). Every FAR
+    service refuses a signed-out or revoked access token with UNAUTHENTICATED (`TOKEN_REVOKED`),
+    an expired one with `TOKEN_EXPIRED` and any other bad one with `TOKEN_INVALID`.
     """
 
     @staticmethod

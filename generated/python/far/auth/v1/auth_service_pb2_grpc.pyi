@@ -51,9 +51,12 @@ class AuthServiceStub:
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
     `UNAUTHENTICATED`, `PERMISSION_DENIED`, `ACCOUNT_NOT_FOUND`, `SESSION_NOT_FOUND`,
     `DOMAIN_NOT_ALLOWED`, `CHAIN_NOT_SUPPORTED`, `CHALLENGE_NOT_FOUND`, `MESSAGE_MISMATCH`,
-    `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`, `REFRESH_TOKEN_EXPIRED`,
-    `REFRESH_TOKEN_REUSED`, `SESSION_REVOKED`, `ROLE_NOT_GRANTABLE`, `LAST_ADMIN`,
-    `RATE_LIMITED` (RESOURCE_EXHAUSTED, with a `google.rpc.RetryInfo`).
+    `DOMAIN_MISMATCH`, `URI_MISMATCH`, `CHAIN_MISMATCH`, `MESSAGE_EXPIRED`,
+    `MESSAGE_NOT_YET_VALID`, `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`,
+    `REFRESH_TOKEN_EXPIRED`, `REFRESH_TOKEN_REUSED`, `SESSION_REVOKED`, `ROLE_NOT_GRANTABLE`,
+    `LAST_ADMIN`, `RATE_LIMITED` (RESOURCE_EXHAUSTED, with a `google.rpc.RetryInfo`). Every FAR
+    service refuses a signed-out or revoked access token with UNAUTHENTICATED (`TOKEN_REVOKED`),
+    an expired one with `TOKEN_EXPIRED` and any other bad one with `TOKEN_INVALID`.
     """
 
     @_typing.overload
@@ -64,28 +67,36 @@ class AuthServiceStub:
     """Creates a sign-in challenge: the EIP-4361 message for the wallet to sign.
 
     The nonce in the message is random (16 alphanumeric characters), single-use and kept in
-    Redis until `expire_time` (5 minutes by default, `AUTH_CHALLENGE_TTL`) together with the
-    exact message text; SignIn accepts only that text. Public.
+    Redis until `expire_time` (5 minutes by default, `AUTH_NONCE_TTL_SECONDS`) together with
+    the exact message text; SignIn accepts only that text. Public.
 
     Errors: INVALID_ARGUMENT (bad `wallet_address`, `domain` or `uri`; `DOMAIN_NOT_ALLOWED`
-    when `domain` is not one of the configured sign-in domains, `AUTH_ALLOWED_DOMAINS`;
-    `CHAIN_NOT_SUPPORTED` when `chain_id` is not a configured chain), RESOURCE_EXHAUSTED
-    (`RATE_LIMITED`: too many challenges for this address or client address).
+    when `domain` is not one of the configured sign-in domains, `AUTH_SIWE_DOMAINS`;
+    `CHAIN_NOT_SUPPORTED` when `chain_id` is not a configured chain, `AUTH_CHAIN_IDS`),
+    RESOURCE_EXHAUSTED (`RATE_LIMITED`: too many challenges for this wallet within one minute,
+    `AUTH_CHALLENGES_PER_MINUTE`; the RetryInfo says when the next minute starts).
     """
     SignIn: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.SignInRequest, _session_pb2.Session]
     """Signs in: checks a signed challenge and starts a session.
 
-    The nonce is looked up and deleted in one step, so it is consumed by the first SignIn
-    that presents it, whether or not the signature verifies. The message must be exactly
-    the text CreateChallenge returned, and the signature must recover (EIP-191) to the
-    message's address. Externally owned accounts only in this version: signatures of
+    The checks, in order: the message's domain must be a sign-in domain, its URI on that
+    domain, its chain a configured one, and the time between its `Issued At` and its
+    `Expiration Time` (a message failing these is refused before its nonce is looked up).
+    Then the nonce is looked up and deleted in one step, so it is consumed by the first
+    SignIn that presents it, whether or not the signature verifies. The message must be
+    exactly the text CreateChallenge returned, and the signature must recover (EIP-191) to
+    the message's address. Externally owned accounts only in this version: signatures of
     contract wallets (EIP-1271) fail with `INVALID_SIGNATURE`. The account is created on
-    its first sign-in with the `user` role. Public.
+    its first sign-in with the `user` role (and `admin` if its wallet is in the bootstrap
+    list `AUTH_BOOTSTRAP_ADMINS`). Public.
 
     Errors: INVALID_ARGUMENT (not an EIP-4361 message, or a signature that is not 65 bytes
-    of hex), UNAUTHENTICATED (`CHALLENGE_NOT_FOUND`: unknown, used or expired nonce;
-    `MESSAGE_MISMATCH`: the text differs from the issued one; `INVALID_SIGNATURE`),
-    RESOURCE_EXHAUSTED (`RATE_LIMITED`).
+    of hex), UNAUTHENTICATED (`DOMAIN_MISMATCH`, `URI_MISMATCH`, `CHAIN_MISMATCH`: the
+    message names a domain, URI or chain that is not configured, or not the one its
+    challenge was issued for; `MESSAGE_EXPIRED`: past its `Expiration Time`;
+    `MESSAGE_NOT_YET_VALID`: `Issued At` or `Not Before` in the future;
+    `CHALLENGE_NOT_FOUND`: unknown, used or expired nonce; `MESSAGE_MISMATCH`: the text
+    differs from the issued one; `INVALID_SIGNATURE`), RESOURCE_EXHAUSTED (`RATE_LIMITED`).
     """
     RefreshSession: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.RefreshSessionRequest, _session_pb2.Session]
     """Rotates a session's tokens: trades a refresh token for a new access token and a new
@@ -178,9 +189,12 @@ class AuthServiceAsyncStub(AuthServiceStub):
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
     `UNAUTHENTICATED`, `PERMISSION_DENIED`, `ACCOUNT_NOT_FOUND`, `SESSION_NOT_FOUND`,
     `DOMAIN_NOT_ALLOWED`, `CHAIN_NOT_SUPPORTED`, `CHALLENGE_NOT_FOUND`, `MESSAGE_MISMATCH`,
-    `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`, `REFRESH_TOKEN_EXPIRED`,
-    `REFRESH_TOKEN_REUSED`, `SESSION_REVOKED`, `ROLE_NOT_GRANTABLE`, `LAST_ADMIN`,
-    `RATE_LIMITED` (RESOURCE_EXHAUSTED, with a `google.rpc.RetryInfo`).
+    `DOMAIN_MISMATCH`, `URI_MISMATCH`, `CHAIN_MISMATCH`, `MESSAGE_EXPIRED`,
+    `MESSAGE_NOT_YET_VALID`, `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`,
+    `REFRESH_TOKEN_EXPIRED`, `REFRESH_TOKEN_REUSED`, `SESSION_REVOKED`, `ROLE_NOT_GRANTABLE`,
+    `LAST_ADMIN`, `RATE_LIMITED` (RESOURCE_EXHAUSTED, with a `google.rpc.RetryInfo`). Every FAR
+    service refuses a signed-out or revoked access token with UNAUTHENTICATED (`TOKEN_REVOKED`),
+    an expired one with `TOKEN_EXPIRED` and any other bad one with `TOKEN_INVALID`.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -188,28 +202,36 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Creates a sign-in challenge: the EIP-4361 message for the wallet to sign.
 
     The nonce in the message is random (16 alphanumeric characters), single-use and kept in
-    Redis until `expire_time` (5 minutes by default, `AUTH_CHALLENGE_TTL`) together with the
-    exact message text; SignIn accepts only that text. Public.
+    Redis until `expire_time` (5 minutes by default, `AUTH_NONCE_TTL_SECONDS`) together with
+    the exact message text; SignIn accepts only that text. Public.
 
     Errors: INVALID_ARGUMENT (bad `wallet_address`, `domain` or `uri`; `DOMAIN_NOT_ALLOWED`
-    when `domain` is not one of the configured sign-in domains, `AUTH_ALLOWED_DOMAINS`;
-    `CHAIN_NOT_SUPPORTED` when `chain_id` is not a configured chain), RESOURCE_EXHAUSTED
-    (`RATE_LIMITED`: too many challenges for this address or client address).
+    when `domain` is not one of the configured sign-in domains, `AUTH_SIWE_DOMAINS`;
+    `CHAIN_NOT_SUPPORTED` when `chain_id` is not a configured chain, `AUTH_CHAIN_IDS`),
+    RESOURCE_EXHAUSTED (`RATE_LIMITED`: too many challenges for this wallet within one minute,
+    `AUTH_CHALLENGES_PER_MINUTE`; the RetryInfo says when the next minute starts).
     """
     SignIn: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.SignInRequest, _session_pb2.Session]  # type: ignore[assignment]
     """Signs in: checks a signed challenge and starts a session.
 
-    The nonce is looked up and deleted in one step, so it is consumed by the first SignIn
-    that presents it, whether or not the signature verifies. The message must be exactly
-    the text CreateChallenge returned, and the signature must recover (EIP-191) to the
-    message's address. Externally owned accounts only in this version: signatures of
+    The checks, in order: the message's domain must be a sign-in domain, its URI on that
+    domain, its chain a configured one, and the time between its `Issued At` and its
+    `Expiration Time` (a message failing these is refused before its nonce is looked up).
+    Then the nonce is looked up and deleted in one step, so it is consumed by the first
+    SignIn that presents it, whether or not the signature verifies. The message must be
+    exactly the text CreateChallenge returned, and the signature must recover (EIP-191) to
+    the message's address. Externally owned accounts only in this version: signatures of
     contract wallets (EIP-1271) fail with `INVALID_SIGNATURE`. The account is created on
-    its first sign-in with the `user` role. Public.
+    its first sign-in with the `user` role (and `admin` if its wallet is in the bootstrap
+    list `AUTH_BOOTSTRAP_ADMINS`). Public.
 
     Errors: INVALID_ARGUMENT (not an EIP-4361 message, or a signature that is not 65 bytes
-    of hex), UNAUTHENTICATED (`CHALLENGE_NOT_FOUND`: unknown, used or expired nonce;
-    `MESSAGE_MISMATCH`: the text differs from the issued one; `INVALID_SIGNATURE`),
-    RESOURCE_EXHAUSTED (`RATE_LIMITED`).
+    of hex), UNAUTHENTICATED (`DOMAIN_MISMATCH`, `URI_MISMATCH`, `CHAIN_MISMATCH`: the
+    message names a domain, URI or chain that is not configured, or not the one its
+    challenge was issued for; `MESSAGE_EXPIRED`: past its `Expiration Time`;
+    `MESSAGE_NOT_YET_VALID`: `Issued At` or `Not Before` in the future;
+    `CHALLENGE_NOT_FOUND`: unknown, used or expired nonce; `MESSAGE_MISMATCH`: the text
+    differs from the issued one; `INVALID_SIGNATURE`), RESOURCE_EXHAUSTED (`RATE_LIMITED`).
     """
     RefreshSession: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.RefreshSessionRequest, _session_pb2.Session]  # type: ignore[assignment]
     """Rotates a session's tokens: trades a refresh token for a new access token and a new
@@ -301,9 +323,12 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
     `UNAUTHENTICATED`, `PERMISSION_DENIED`, `ACCOUNT_NOT_FOUND`, `SESSION_NOT_FOUND`,
     `DOMAIN_NOT_ALLOWED`, `CHAIN_NOT_SUPPORTED`, `CHALLENGE_NOT_FOUND`, `MESSAGE_MISMATCH`,
-    `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`, `REFRESH_TOKEN_EXPIRED`,
-    `REFRESH_TOKEN_REUSED`, `SESSION_REVOKED`, `ROLE_NOT_GRANTABLE`, `LAST_ADMIN`,
-    `RATE_LIMITED` (RESOURCE_EXHAUSTED, with a `google.rpc.RetryInfo`).
+    `DOMAIN_MISMATCH`, `URI_MISMATCH`, `CHAIN_MISMATCH`, `MESSAGE_EXPIRED`,
+    `MESSAGE_NOT_YET_VALID`, `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`,
+    `REFRESH_TOKEN_EXPIRED`, `REFRESH_TOKEN_REUSED`, `SESSION_REVOKED`, `ROLE_NOT_GRANTABLE`,
+    `LAST_ADMIN`, `RATE_LIMITED` (RESOURCE_EXHAUSTED, with a `google.rpc.RetryInfo`). Every FAR
+    service refuses a signed-out or revoked access token with UNAUTHENTICATED (`TOKEN_REVOKED`),
+    an expired one with `TOKEN_EXPIRED` and any other bad one with `TOKEN_INVALID`.
     """
 
     @_abc_1.abstractmethod
@@ -315,13 +340,14 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a sign-in challenge: the EIP-4361 message for the wallet to sign.
 
         The nonce in the message is random (16 alphanumeric characters), single-use and kept in
-        Redis until `expire_time` (5 minutes by default, `AUTH_CHALLENGE_TTL`) together with the
-        exact message text; SignIn accepts only that text. Public.
+        Redis until `expire_time` (5 minutes by default, `AUTH_NONCE_TTL_SECONDS`) together with
+        the exact message text; SignIn accepts only that text. Public.
 
         Errors: INVALID_ARGUMENT (bad `wallet_address`, `domain` or `uri`; `DOMAIN_NOT_ALLOWED`
-        when `domain` is not one of the configured sign-in domains, `AUTH_ALLOWED_DOMAINS`;
-        `CHAIN_NOT_SUPPORTED` when `chain_id` is not a configured chain), RESOURCE_EXHAUSTED
-        (`RATE_LIMITED`: too many challenges for this address or client address).
+        when `domain` is not one of the configured sign-in domains, `AUTH_SIWE_DOMAINS`;
+        `CHAIN_NOT_SUPPORTED` when `chain_id` is not a configured chain, `AUTH_CHAIN_IDS`),
+        RESOURCE_EXHAUSTED (`RATE_LIMITED`: too many challenges for this wallet within one minute,
+        `AUTH_CHALLENGES_PER_MINUTE`; the RetryInfo says when the next minute starts).
         """
 
     @_abc_1.abstractmethod
@@ -332,17 +358,24 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_pb2.Session, _abc.Awaitable[_session_pb2.Session]]:
         """Signs in: checks a signed challenge and starts a session.
 
-        The nonce is looked up and deleted in one step, so it is consumed by the first SignIn
-        that presents it, whether or not the signature verifies. The message must be exactly
-        the text CreateChallenge returned, and the signature must recover (EIP-191) to the
-        message's address. Externally owned accounts only in this version: signatures of
+        The checks, in order: the message's domain must be a sign-in domain, its URI on that
+        domain, its chain a configured one, and the time between its `Issued At` and its
+        `Expiration Time` (a message failing these is refused before its nonce is looked up).
+        Then the nonce is looked up and deleted in one step, so it is consumed by the first
+        SignIn that presents it, whether or not the signature verifies. The message must be
+        exactly the text CreateChallenge returned, and the signature must recover (EIP-191) to
+        the message's address. Externally owned accounts only in this version: signatures of
         contract wallets (EIP-1271) fail with `INVALID_SIGNATURE`. The account is created on
-        its first sign-in with the `user` role. Public.
+        its first sign-in with the `user` role (and `admin` if its wallet is in the bootstrap
+        list `AUTH_BOOTSTRAP_ADMINS`). Public.
 
         Errors: INVALID_ARGUMENT (not an EIP-4361 message, or a signature that is not 65 bytes
-        of hex), UNAUTHENTICATED (`CHALLENGE_NOT_FOUND`: unknown, used or expired nonce;
-        `MESSAGE_MISMATCH`: the text differs from the issued one; `INVALID_SIGNATURE`),
-        RESOURCE_EXHAUSTED (`RATE_LIMITED`).
+        of hex), UNAUTHENTICATED (`DOMAIN_MISMATCH`, `URI_MISMATCH`, `CHAIN_MISMATCH`: the
+        message names a domain, URI or chain that is not configured, or not the one its
+        challenge was issued for; `MESSAGE_EXPIRED`: past its `Expiration Time`;
+        `MESSAGE_NOT_YET_VALID`: `Issued At` or `Not Before` in the future;
+        `CHALLENGE_NOT_FOUND`: unknown, used or expired nonce; `MESSAGE_MISMATCH`: the text
+        differs from the issued one; `INVALID_SIGNATURE`), RESOURCE_EXHAUSTED (`RATE_LIMITED`).
         """
 
     @_abc_1.abstractmethod

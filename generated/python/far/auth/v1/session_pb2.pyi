@@ -55,7 +55,7 @@ class Session(_message.Message):
     `authorization: Bearer <token>` (HTTP header or gRPC metadata).
     Claims: `iss`, `aud`, `sub` (the wallet address, lower-case), `roles` (lower-case role
     names), `sid` (the session id), `iat`, `exp`, `jti`. Short-lived: 15 minutes by default
-    (`AUTH_ACCESS_TOKEN_TTL`).
+    (`AUTH_ACCESS_TTL_SECONDS`).
     """
     refresh_token: _builtins.str
     """The refresh token: an opaque string of at most 256 URL-safe characters, to send once to
@@ -79,7 +79,7 @@ class Session(_message.Message):
     @_builtins.property
     def refresh_token_expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the current refresh token expires: 30 days after it was issued by default
-        (`AUTH_REFRESH_TOKEN_TTL`). A session whose refresh token expires unused ends. In
+        (`AUTH_REFRESH_TTL_SECONDS`). A session whose refresh token expires unused ends. In
         ListSessions, the expiry of the session's current refresh token.
         """
 

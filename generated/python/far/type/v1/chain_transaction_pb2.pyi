@@ -30,9 +30,10 @@ class ChainTransaction(_message.Message):
     TX_HASH_FIELD_NUMBER: _builtins.int
     BLOCK_NUMBER_FIELD_NUMBER: _builtins.int
     chain_id: _builtins.int
-    """The EIP-155 chain id: 56 for BNB Smart Chain, 97 for its testnet, 31337 for a local
-    anvil. A chain the platform is not configured for is INVALID_ARGUMENT. (A uint64, so
-    JSON carries it as a string, "97"; a JSON number is accepted on input.)
+    """The EIP-155 chain id: 56 for BNB Smart Chain, 97 for its testnet (and for the local
+    anvil chain that `make run` starts). A chain the platform is not configured for is
+    INVALID_ARGUMENT. (A uint64, so JSON carries it as a string, "97"; a JSON number is
+    accepted on input.)
     """
     tx_hash: _builtins.str
     """The transaction hash: "0x" and 64 lower-case hex characters. Upper-case hex is
