@@ -1,7 +1,8 @@
 """The one list of FAR services: names, packages, ports. Everything else derives from it.
 
 The descriptor set (`generated/descriptors/far.binpb`) is the other source: it says which services
-have contracts and what their REST paths are. `check_descriptor` makes the two agree.
+have contracts, what their REST paths are and who may call each method (`method_access`).
+`check_descriptor` makes the two agree.
 """
 
 from __future__ import annotations
@@ -9,11 +10,15 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from far.api.v1 import access_pb2
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
+
+from servers.common.access import rule_from
 
 ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTOR_SET = ROOT / "generated" / "descriptors" / "far.binpb"
@@ -98,6 +103,8 @@ class DescribedService:
     service_name: str
     methods: tuple[str, ...]
     rest_prefixes: tuple[str, ...]
+    access: Mapping[str, dict[str, Any]] = field(default_factory=dict, hash=False)
+    """Method name -> its `(far.api.v1.access)` declaration as JSON (`{"level": "public"}`)."""
 
 
 def load_descriptor_set(path: Path = DESCRIPTOR_SET) -> descriptor_pb2.FileDescriptorSet:
@@ -132,6 +139,28 @@ def _rest_prefix(rule: http_pb2.HttpRule) -> str | None:
     return "/" + "/".join(literal) if literal else None
 
 
+def access_of(method: descriptor_pb2.MethodDescriptorProto) -> dict[str, Any]:
+    """A method's `(far.api.v1.access)` declaration as JSON: `{"level": "roles", "roles": ["publisher"]}`.
+
+    `{"level": "undeclared"}` for a method without one (tests/unit/test_access_declarations.py fails on it).
+    """
+    # Parsed as a known extension because importing access_pb2 registered it.
+    if not method.options.HasExtension(access_pb2.access):
+        return {"level": "undeclared"}
+    return rule_from(method.options.Extensions[access_pb2.access]).as_json()
+
+
+def method_access(fds: descriptor_pb2.FileDescriptorSet) -> dict[str, dict[str, Any]]:
+    """Who may call each method of every `far.*` service: gRPC path (`/far.gamed.v1.GamedService/GetGame`) -> access."""
+    return {
+        f"/{file.package}.{svc.name}/{method.name}": access_of(method)
+        for file in fds.file
+        if file.package.startswith("far.")
+        for svc in file.service
+        for method in svc.method
+    }
+
+
 def describe(fds: descriptor_pb2.FileDescriptorSet) -> dict[str, DescribedService]:
     """Every `far.*` service in the descriptor set, keyed by full service name."""
     found: dict[str, DescribedService] = {}
@@ -150,6 +179,7 @@ def describe(fds: descriptor_pb2.FileDescriptorSet) -> dict[str, DescribedServic
                 service_name=full,
                 methods=tuple(m.name for m in svc.method),
                 rest_prefixes=tuple(sorted(prefixes)),
+                access={m.name: access_of(m) for m in svc.method},
             )
     return found
 

@@ -146,11 +146,24 @@ WEB_HTTP_FILTERS: tuple[HttpFilterFn, ...] = (grpc_web_filter, grpc_json_transco
 # --- Routes -----------------------------------------------------------------------------------------
 
 
+def _access_metadata(service: Service, ctx: RenderContext) -> Json:
+    """Who may call each method, from the contract's `(far.api.v1.access)` options, as route metadata.
+
+    Informational for now: the servers enforce the declarations (servers/common/access.py); jwt_authn
+    rules will be rendered from the same data.
+    """
+    described = ctx.described.get(service.service_name)
+    if described is None:
+        return {}
+    return {"metadata": {"filter_metadata": {"far.access": dict(described.access)}}}
+
+
 def _grpc_route(service: Service, ctx: RenderContext) -> list[Json]:
     return [
         {
             "name": service.name,
             "match": {"prefix": service.grpc_prefix},
+            **_access_metadata(service, ctx),
             "route": {
                 "cluster": service.name,
                 # Server-streaming RPCs (inference tokens, realtime topics) run as long as they need;

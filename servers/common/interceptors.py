@@ -1,13 +1,13 @@
-"""Server interceptors, outermost first: request id -> observability -> auth -> error mapping.
+"""Server interceptors, outermost first: request id -> observability -> auth -> access -> error mapping.
 
-Observability sits outside auth so that rejected calls are counted and logged too.
+Observability sits outside auth and access so that rejected calls are counted and logged too.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -15,6 +15,7 @@ import structlog
 from grpc_status import rpc_status
 from opentelemetry import propagate, trace
 
+from servers.common.access import UNDECLARED, AccessRule
 from servers.common.auth import RevocationList, TokenVerifier
 from servers.common.context import principal_var, request_id_var
 from servers.common.errors import DomainError, Unauthenticated, to_rpc_status
@@ -23,6 +24,8 @@ from servers.common.observability import RPC_HANDLED, RPC_LATENCY
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+UnaryAround = Callable[[UnaryBehavior, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+StreamAround = Callable[[StreamBehavior, Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 _UNOBSERVED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 log = structlog.get_logger("far.rpc")
@@ -40,6 +43,36 @@ async def abort_with_error(context: grpc.aio.ServicerContext[Any, Any], error: D
     await context.abort_with_status(rpc_status.to_status(to_rpc_status(error, domain)))
 
 
+def wrap_handler(handler: Any, around_unary: UnaryAround, around_stream: StreamAround) -> Any:
+    """The handler with its behavior called through `around_unary` or `around_stream`, whatever its kind."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    # grpc.aio tells coroutines and async generators apart by inspecting the function, so the
+    # wrappers must be real `async def` functions, not lambdas returning coroutines.
+    unary_inner: UnaryBehavior | None = handler.unary_unary or handler.stream_unary
+    if unary_inner is not None:
+        inner_unary = unary_inner
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await around_unary(inner_unary, request, context)
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+
+    inner_stream: StreamBehavior = handler.unary_stream or handler.stream_stream
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async for response in around_stream(inner_stream, request, context):
+            yield response
+
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
+
+
 class AroundInterceptor(grpc.aio.ServerInterceptor):
     """Base for interceptors that run code around every call: override `unary` and `stream`."""
 
@@ -55,32 +88,11 @@ class AroundInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or self.skip(details.method):
             return handler
         method = details.method
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        # grpc.aio tells coroutines and async generators apart by inspecting the function, so the
-        # wrappers must be real `async def` functions, not lambdas returning coroutines.
-        unary_inner: UnaryBehavior | None = handler.unary_unary or handler.stream_unary
-        if unary_inner is not None:
-            inner_unary = unary_inner
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                return await self.unary(method, inner_unary, request, context)
-
-            if handler.unary_unary:
-                return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-            return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
-
-        inner_stream: StreamBehavior = handler.unary_stream or handler.stream_stream
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            async for response in self.stream(method, inner_stream, request, context):
-                yield response
-
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
-        return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
+        return wrap_handler(
+            handler,
+            lambda behavior, request, context: self.unary(method, behavior, request, context),
+            lambda behavior, request, context: self.stream(method, behavior, request, context),
+        )
 
     async def unary(
         self, method: str, behavior: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -179,7 +191,7 @@ class ObservabilityInterceptor(AroundInterceptor):
 class AuthInterceptor(AroundInterceptor):
     """Verifies `authorization: Bearer <jwt>` when present and puts the caller in a contextvar.
 
-    A call without a token runs as ANONYMOUS; each service decides what anonymous callers may do.
+    A call without a token runs as ANONYMOUS; the AccessInterceptor then applies the method's declaration.
     A bad or expired token is UNAUTHENTICATED before the service sees the call, and so is a token on
     the revocation list (signed out or revoked: reason TOKEN_REVOKED) when the server has Redis.
     """
@@ -219,6 +231,59 @@ class AuthInterceptor(AroundInterceptor):
         await self._authenticate(context)
         async for response in behavior(request, context):
             yield response
+
+
+class AccessInterceptor(grpc.aio.ServerInterceptor):
+    """Enforces each method's `(far.api.v1.access)` declaration, after auth has set the caller.
+
+    `rules` (`servers.common.access.access_rules`, built once at server start) maps each method path to
+    its rule; a call costs one dictionary lookup, and PUBLIC methods are not even wrapped. A method
+    missing from `rules` is refused (PERMISSION_DENIED, `ACCESS_NOT_DECLARED`); health and reflection pass.
+    """
+
+    def __init__(self, rules: Mapping[str, AccessRule], domain: str) -> None:
+        self._guards = {method: self._guard(rule) for method, rule in rules.items()}
+        self._undeclared = self._guard(UNDECLARED)
+        self._domain = domain
+
+    def _guard(self, rule: AccessRule) -> tuple[UnaryAround, StreamAround] | None:
+        if rule.is_public:
+            return None
+        check = rule.check
+
+        async def enforce(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            try:
+                check(principal_var.get())
+            except DomainError as error:
+                await abort_with_error(context, error, self._domain)
+
+        async def around_unary(
+            behavior: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Any:
+            await enforce(context)
+            return await behavior(request, context)
+
+        async def around_stream(
+            behavior: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            await enforce(context)
+            async for response in behavior(request, context):
+                yield response
+
+        return around_unary, around_stream
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_UNOBSERVED_PREFIXES):
+            return handler
+        guard = self._guards.get(details.method, self._undeclared)
+        if guard is None:
+            return handler
+        return wrap_handler(handler, *guard)
 
 
 class ErrorInterceptor(AroundInterceptor):

@@ -19,11 +19,13 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 from sqlalchemy import Table
 
+from servers.common.access import AccessDeclarationError, access_rules
 from servers.common.auth import RevocationList, TokenVerifier
 from servers.common.config import ConfigError, Settings
 from servers.common.db import Database, redact
 from servers.common.events import EventBus
 from servers.common.interceptors import (
+    AccessInterceptor,
     AuthInterceptor,
     ErrorInterceptor,
     ObservabilityInterceptor,
@@ -143,7 +145,12 @@ class RunningServer:
 
 
 async def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:
-    """Build the server with the common interceptors, health and reflection, and start it."""
+    """Build the server with the common interceptors, health and reflection, and start it.
+
+    AccessDeclarationError, before anything is started, when a method of `spec.service_names` has no
+    valid `(far.api.v1.access)` declaration in the compiled contracts.
+    """
+    rules = access_rules(spec.service_names)
     tracing = configure_tracing(spec.name, settings.traces_exporter)
     domain = settings.error_domain
     runtime = await build_runtime(spec, settings)
@@ -153,6 +160,8 @@ async def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:
             ObservabilityInterceptor(tracing=tracing),
             # With Redis, revoked (signed-out) access tokens are refused before they expire.
             AuthInterceptor(TokenVerifier(settings.jwt_keys), domain, runtime.revocations),
+            # Who may call each method, as its contract declares it; ownership checks stay in the services.
+            AccessInterceptor(rules, domain),
             ErrorInterceptor(domain),
         ],
         options=[
@@ -221,4 +230,7 @@ def run(spec: ServiceSpec) -> None:
         asyncio.run(serve_async(spec, settings))
     except ConfigError as error:
         print(f"far-{spec.name}: configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except AccessDeclarationError as error:
+        print(f"far-{spec.name}: contract error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

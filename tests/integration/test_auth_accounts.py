@@ -153,7 +153,7 @@ class TestListAccounts:
 
     async def test_admins_only(self, auth_api: Stub) -> None:
         user = await sign_in(auth_api, new_wallet())
-        await expect_auth_error(list_accounts(auth_api, user), DENIED)
+        await expect_auth_error(list_accounts(auth_api, user), DENIED, "MISSING_ROLE")
         await expect_auth_error(
             auth_api.ListAccounts(auth_service_pb2.ListAccountsRequest()), grpc.StatusCode.UNAUTHENTICATED
         )
@@ -213,7 +213,7 @@ class TestGrantRole:
     async def test_non_admin_cannot_grant(self, auth_api: Stub) -> None:
         publisher = new_wallet()
         session = await sign_in(auth_api, publisher)
-        await expect_auth_error(grant(auth_api, session, wallet_of(publisher), ADMIN), DENIED)
+        await expect_auth_error(grant(auth_api, session, wallet_of(publisher), ADMIN), DENIED, "MISSING_ROLE")
         await expect_auth_error(
             auth_api.GrantRole(auth_service_pb2.GrantRoleRequest(name="accounts/me", role=ADMIN)),
             grpc.StatusCode.UNAUTHENTICATED,
@@ -275,7 +275,7 @@ class TestRevokeRole:
 
     async def test_non_admin_cannot_revoke(self, auth_api: Stub, auth_admin: session_pb2.Session) -> None:
         me = await sign_in(auth_api, new_wallet())
-        await expect_auth_error(revoke(auth_api, me, auth_admin.account.wallet_address, ADMIN), DENIED)
+        await expect_auth_error(revoke(auth_api, me, auth_admin.account.wallet_address, ADMIN), DENIED, "MISSING_ROLE")
 
     async def test_the_last_admin_keeps_admin(
         self, auth_api: Stub, auth_admin: session_pb2.Session, only_admins: KeepAdmins

@@ -21,6 +21,7 @@ from servers.common.config import Settings
 from servers.common.context import current_principal
 from servers.common.server import RunningServer, Runtime, ServiceSpec, start_server
 from tests.conftest import wallet
+from tests.integration.probe_contract import PUBLIC, Kind, declare_probe
 from tests.integration.rich_errors import expect_error
 
 pytestmark = pytest.mark.integration
@@ -29,6 +30,7 @@ PROBE = "far.test.v1.RevocationProbeService"
 DOMAIN = "probe.far.network"
 Text = wrappers_pb2.StringValue
 Context = grpc.aio.ServicerContext[Any, Any]
+declare_probe(PROBE, {"Whoami": (Kind.UNARY, PUBLIC), "Count": (Kind.SERVER_STREAM, PUBLIC)})
 
 
 class Probe:

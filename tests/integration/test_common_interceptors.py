@@ -28,6 +28,7 @@ from servers.common.context import current_principal, current_request_id
 from servers.common.errors import FailedPrecondition, NotFound
 from servers.common.server import RunningServer, Runtime, ServiceSpec, start_server
 from tests.conftest import wallet
+from tests.integration.probe_contract import PUBLIC, Kind, declare_probe
 
 pytestmark = pytest.mark.integration
 
@@ -86,6 +87,15 @@ class ProbeServicer:
 
 UNARY = ("Whoami", "RequestId", "Boom", "Missing", "Deny")
 SERVER_STREAM = ("Count", "CountThenFail", "CountThenBoom")
+declare_probe(
+    PROBE,
+    {
+        **{name: (Kind.UNARY, PUBLIC) for name in UNARY},
+        **{name: (Kind.SERVER_STREAM, PUBLIC) for name in SERVER_STREAM},
+        "Join": (Kind.CLIENT_STREAM, PUBLIC),
+        "Upper": (Kind.BIDI, PUBLIC),
+    },
+)
 
 
 def handlers(servicer: ProbeServicer) -> grpc.GenericRpcHandler:

@@ -168,6 +168,9 @@ class TestWebListener:
         assert route["route"]["cluster"] == "gamed"
         assert route["route"]["timeout"] == "0s"
         assert route["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+        # Who may call each method, rendered from the contract's (far.api.v1.access) options.
+        access = route["metadata"]["filter_metadata"]["far.access"]
+        assert access["CreateGame"] == {"level": "roles", "roles": ["publisher"]}
 
     def test_every_other_service_answers_unimplemented(self) -> None:
         all_routes = routes(render())

@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from far.api.v1 import access_pb2 as far_dot_api_dot_v1_dot_access__pb2
 from far.auth.v1 import account_pb2 as far_dot_auth_dot_v1_dot_account__pb2
 from far.auth.v1 import session_pb2 as far_dot_auth_dot_v1_dot_session__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
@@ -31,7 +32,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x61r/auth/v1/auth_service.proto\x12\x0b\x66\x61r.auth.v1\x1a\x19\x66\x61r/auth/v1/account.proto\x1a\x19\x66\x61r/auth/v1/session.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n\x16\x43reateChallengeRequest\x12\x1c\n\x0ewallet_address\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x63hain_id\x18\x02 \x01(\x04\x42\x04\xe2\x41\x01\x02\x12\x14\n\x06\x64omain\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\x03uri\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"\x9a\x01\n\x17\x43reateChallengeResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12.\n\nissue_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\rSignInRequest\x12\x15\n\x07message\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tsignature\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"4\n\x15RefreshSessionRequest\x12\x1b\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\'\n\x0eSignOutRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"o\n\x13ListSessionsRequest\x12\x31\n\x06parent\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x61uth.far.network/Account\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.far.auth.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x14RevokeSessionRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x61uth.far.network/Session\"D\n\x11GetAccountRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x61uth.far.network/Account\"]\n\x13ListAccountsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.far.auth.v1.Role\"W\n\x14ListAccountsResponse\x12&\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x14.far.auth.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"j\n\x10GrantRoleRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x61uth.far.network/Account\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x11.far.auth.v1.RoleB\x04\xe2\x41\x01\x02\"k\n\x11RevokeRoleRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x61uth.far.network/Account\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x11.far.auth.v1.RoleB\x04\xe2\x41\x01\x02\x32\xe6\x08\n\x0b\x41uthService\x12w\n\x0f\x43reateChallenge\x12#.far.auth.v1.CreateChallengeRequest\x1a$.far.auth.v1.CreateChallengeResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/challenges:\x01*\x12Z\n\x06SignIn\x12\x1a.far.auth.v1.SignInRequest\x1a\x14.far.auth.v1.Session\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/sessions:signIn:\x01*\x12k\n\x0eRefreshSession\x12\".far.auth.v1.RefreshSessionRequest\x1a\x14.far.auth.v1.Session\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/sessions:refresh:\x01*\x12_\n\x07SignOut\x12\x1b.far.auth.v1.SignOutRequest\x1a\x16.google.protobuf.Empty\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/sessions:signOut:\x01*\x12\x80\x01\n\x0cListSessions\x12 .far.auth.v1.ListSessionsRequest\x1a!.far.auth.v1.ListSessionsResponse\"+\x90\x02\x01\x82\xd3\xe4\x93\x02\"\x12 /v1/{parent=accounts/*}/sessions\x12~\n\rRevokeSession\x12!.far.auth.v1.RevokeSessionRequest\x1a\x16.google.protobuf.Empty\"2\x82\xd3\xe4\x93\x02,\"\'/v1/{name=accounts/*/sessions/*}:revoke:\x01*\x12\x64\n\nGetAccount\x12\x1e.far.auth.v1.GetAccountRequest\x1a\x14.far.auth.v1.Account\" \x90\x02\x01\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/{name=accounts/*}\x12l\n\x0cListAccounts\x12 .far.auth.v1.ListAccountsRequest\x1a!.far.auth.v1.ListAccountsResponse\"\x17\x90\x02\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/accounts\x12l\n\tGrantRole\x12\x1d.far.auth.v1.GrantRoleRequest\x1a\x14.far.auth.v1.Account\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/{name=accounts/*}:grantRole:\x01*\x12o\n\nRevokeRole\x12\x1e.far.auth.v1.RevokeRoleRequest\x1a\x14.far.auth.v1.Account\"+\x82\xd3\xe4\x93\x02%\" /v1/{name=accounts/*}:revokeRole:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x61r/auth/v1/auth_service.proto\x12\x0b\x66\x61r.auth.v1\x1a\x17\x66\x61r/api/v1/access.proto\x1a\x19\x66\x61r/auth/v1/account.proto\x1a\x19\x66\x61r/auth/v1/session.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n\x16\x43reateChallengeRequest\x12\x1c\n\x0ewallet_address\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x63hain_id\x18\x02 \x01(\x04\x42\x04\xe2\x41\x01\x02\x12\x14\n\x06\x64omain\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\x03uri\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\"\x9a\x01\n\x17\x43reateChallengeResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\t\x12.\n\nissue_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\rSignInRequest\x12\x15\n\x07message\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tsignature\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"4\n\x15RefreshSessionRequest\x12\x1b\n\rrefresh_token\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\'\n\x0eSignOutRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"o\n\x13ListSessionsRequest\x12\x31\n\x06parent\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x61uth.far.network/Account\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.far.auth.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x14RevokeSessionRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x61uth.far.network/Session\"D\n\x11GetAccountRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x61uth.far.network/Account\"]\n\x13ListAccountsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.far.auth.v1.Role\"W\n\x14ListAccountsResponse\x12&\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x14.far.auth.v1.Account\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"j\n\x10GrantRoleRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x61uth.far.network/Account\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x11.far.auth.v1.RoleB\x04\xe2\x41\x01\x02\"k\n\x11RevokeRoleRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x61uth.far.network/Account\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x11.far.auth.v1.RoleB\x04\xe2\x41\x01\x02\x32\xb8\t\n\x0b\x41uthService\x12}\n\x0f\x43reateChallenge\x12#.far.auth.v1.CreateChallengeRequest\x1a$.far.auth.v1.CreateChallengeResponse\"\x1f\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/challenges:\x01*\x12`\n\x06SignIn\x12\x1a.far.auth.v1.SignInRequest\x1a\x14.far.auth.v1.Session\"$\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x18\"\x13/v1/sessions:signIn:\x01*\x12q\n\x0eRefreshSession\x12\".far.auth.v1.RefreshSessionRequest\x1a\x14.far.auth.v1.Session\"%\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x19\"\x14/v1/sessions:refresh:\x01*\x12\x65\n\x07SignOut\x12\x1b.far.auth.v1.SignOutRequest\x1a\x16.google.protobuf.Empty\"%\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x19\"\x14/v1/sessions:signOut:\x01*\x12\x86\x01\n\x0cListSessions\x12 .far.auth.v1.ListSessionsRequest\x1a!.far.auth.v1.ListSessionsResponse\"1\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\"\x12 /v1/{parent=accounts/*}/sessions\x12\x84\x01\n\rRevokeSession\x12!.far.auth.v1.RevokeSessionRequest\x1a\x16.google.protobuf.Empty\"8\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02,\"\'/v1/{name=accounts/*/sessions/*}:revoke:\x01*\x12j\n\nGetAccount\x12\x1e.far.auth.v1.GetAccountRequest\x1a\x14.far.auth.v1.Account\"&\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/{name=accounts/*}\x12y\n\x0cListAccounts\x12 .far.auth.v1.ListAccountsRequest\x1a!.far.auth.v1.ListAccountsResponse\"$\x90\x02\x01\xa2\xbb\x18\t\x08\x03\x12\x05\x61\x64min\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/accounts\x12y\n\tGrantRole\x12\x1d.far.auth.v1.GrantRoleRequest\x1a\x14.far.auth.v1.Account\"7\xa2\xbb\x18\t\x08\x03\x12\x05\x61\x64min\x82\xd3\xe4\x93\x02$\"\x1f/v1/{name=accounts/*}:grantRole:\x01*\x12|\n\nRevokeRole\x12\x1e.far.auth.v1.RevokeRoleRequest\x1a\x14.far.auth.v1.Account\"8\xa2\xbb\x18\t\x08\x03\x12\x05\x61\x64min\x82\xd3\xe4\x93\x02%\" /v1/{name=accounts/*}:revokeRole:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -67,51 +68,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKEROLEREQUEST'].fields_by_name['role']._loaded_options = None
   _globals['_REVOKEROLEREQUEST'].fields_by_name['role']._serialized_options = b'\342A\001\002'
   _globals['_AUTHSERVICE'].methods_by_name['CreateChallenge']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['CreateChallenge']._serialized_options = b'\202\323\344\223\002\023\"\016/v1/challenges:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['CreateChallenge']._serialized_options = b'\242\273\030\002\010\001\202\323\344\223\002\023\"\016/v1/challenges:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['SignIn']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['SignIn']._serialized_options = b'\202\323\344\223\002\030\"\023/v1/sessions:signIn:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['SignIn']._serialized_options = b'\242\273\030\002\010\001\202\323\344\223\002\030\"\023/v1/sessions:signIn:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['RefreshSession']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['RefreshSession']._serialized_options = b'\202\323\344\223\002\031\"\024/v1/sessions:refresh:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['RefreshSession']._serialized_options = b'\242\273\030\002\010\001\202\323\344\223\002\031\"\024/v1/sessions:refresh:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['SignOut']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['SignOut']._serialized_options = b'\202\323\344\223\002\031\"\024/v1/sessions:signOut:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['SignOut']._serialized_options = b'\242\273\030\002\010\001\202\323\344\223\002\031\"\024/v1/sessions:signOut:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['ListSessions']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['ListSessions']._serialized_options = b'\220\002\001\202\323\344\223\002\"\022 /v1/{parent=accounts/*}/sessions'
+  _globals['_AUTHSERVICE'].methods_by_name['ListSessions']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\"\022 /v1/{parent=accounts/*}/sessions'
   _globals['_AUTHSERVICE'].methods_by_name['RevokeSession']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['RevokeSession']._serialized_options = b'\202\323\344\223\002,\"\'/v1/{name=accounts/*/sessions/*}:revoke:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['RevokeSession']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002,\"\'/v1/{name=accounts/*/sessions/*}:revoke:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['GetAccount']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['GetAccount']._serialized_options = b'\220\002\001\202\323\344\223\002\027\022\025/v1/{name=accounts/*}'
+  _globals['_AUTHSERVICE'].methods_by_name['GetAccount']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\027\022\025/v1/{name=accounts/*}'
   _globals['_AUTHSERVICE'].methods_by_name['ListAccounts']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['ListAccounts']._serialized_options = b'\220\002\001\202\323\344\223\002\016\022\014/v1/accounts'
+  _globals['_AUTHSERVICE'].methods_by_name['ListAccounts']._serialized_options = b'\220\002\001\242\273\030\t\010\003\022\005admin\202\323\344\223\002\016\022\014/v1/accounts'
   _globals['_AUTHSERVICE'].methods_by_name['GrantRole']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['GrantRole']._serialized_options = b'\202\323\344\223\002$\"\037/v1/{name=accounts/*}:grantRole:\001*'
+  _globals['_AUTHSERVICE'].methods_by_name['GrantRole']._serialized_options = b'\242\273\030\t\010\003\022\005admin\202\323\344\223\002$\"\037/v1/{name=accounts/*}:grantRole:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['RevokeRole']._loaded_options = None
-  _globals['_AUTHSERVICE'].methods_by_name['RevokeRole']._serialized_options = b'\202\323\344\223\002%\" /v1/{name=accounts/*}:revokeRole:\001*'
-  _globals['_CREATECHALLENGEREQUEST']._serialized_start=253
-  _globals['_CREATECHALLENGEREQUEST']._serialized_end=372
-  _globals['_CREATECHALLENGERESPONSE']._serialized_start=375
-  _globals['_CREATECHALLENGERESPONSE']._serialized_end=529
-  _globals['_SIGNINREQUEST']._serialized_start=531
-  _globals['_SIGNINREQUEST']._serialized_end=594
-  _globals['_REFRESHSESSIONREQUEST']._serialized_start=596
-  _globals['_REFRESHSESSIONREQUEST']._serialized_end=648
-  _globals['_SIGNOUTREQUEST']._serialized_start=650
-  _globals['_SIGNOUTREQUEST']._serialized_end=689
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=691
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=802
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=804
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=891
-  _globals['_REVOKESESSIONREQUEST']._serialized_start=893
-  _globals['_REVOKESESSIONREQUEST']._serialized_end=964
-  _globals['_GETACCOUNTREQUEST']._serialized_start=966
-  _globals['_GETACCOUNTREQUEST']._serialized_end=1034
-  _globals['_LISTACCOUNTSREQUEST']._serialized_start=1036
-  _globals['_LISTACCOUNTSREQUEST']._serialized_end=1129
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=1131
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=1218
-  _globals['_GRANTROLEREQUEST']._serialized_start=1220
-  _globals['_GRANTROLEREQUEST']._serialized_end=1326
-  _globals['_REVOKEROLEREQUEST']._serialized_start=1328
-  _globals['_REVOKEROLEREQUEST']._serialized_end=1435
-  _globals['_AUTHSERVICE']._serialized_start=1438
-  _globals['_AUTHSERVICE']._serialized_end=2564
+  _globals['_AUTHSERVICE'].methods_by_name['RevokeRole']._serialized_options = b'\242\273\030\t\010\003\022\005admin\202\323\344\223\002%\" /v1/{name=accounts/*}:revokeRole:\001*'
+  _globals['_CREATECHALLENGEREQUEST']._serialized_start=278
+  _globals['_CREATECHALLENGEREQUEST']._serialized_end=397
+  _globals['_CREATECHALLENGERESPONSE']._serialized_start=400
+  _globals['_CREATECHALLENGERESPONSE']._serialized_end=554
+  _globals['_SIGNINREQUEST']._serialized_start=556
+  _globals['_SIGNINREQUEST']._serialized_end=619
+  _globals['_REFRESHSESSIONREQUEST']._serialized_start=621
+  _globals['_REFRESHSESSIONREQUEST']._serialized_end=673
+  _globals['_SIGNOUTREQUEST']._serialized_start=675
+  _globals['_SIGNOUTREQUEST']._serialized_end=714
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=716
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=827
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=829
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=916
+  _globals['_REVOKESESSIONREQUEST']._serialized_start=918
+  _globals['_REVOKESESSIONREQUEST']._serialized_end=989
+  _globals['_GETACCOUNTREQUEST']._serialized_start=991
+  _globals['_GETACCOUNTREQUEST']._serialized_end=1059
+  _globals['_LISTACCOUNTSREQUEST']._serialized_start=1061
+  _globals['_LISTACCOUNTSREQUEST']._serialized_end=1154
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=1156
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=1243
+  _globals['_GRANTROLEREQUEST']._serialized_start=1245
+  _globals['_GRANTROLEREQUEST']._serialized_end=1351
+  _globals['_REVOKEROLEREQUEST']._serialized_start=1353
+  _globals['_REVOKEROLEREQUEST']._serialized_end=1460
+  _globals['_AUTHSERVICE']._serialized_start=1463
+  _globals['_AUTHSERVICE']._serialized_end=2671
 # @@protoc_insertion_point(module_scope)

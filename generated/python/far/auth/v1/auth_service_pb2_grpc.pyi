@@ -49,7 +49,7 @@ class AuthServiceStub:
 
     Errors. Every error carries a `google.rpc.ErrorInfo` with domain `auth.far.network` and a
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
-    `UNAUTHENTICATED`, `PERMISSION_DENIED`, `ACCOUNT_NOT_FOUND`, `SESSION_NOT_FOUND`,
+    `UNAUTHENTICATED`, `PERMISSION_DENIED`, `MISSING_ROLE`, `ACCOUNT_NOT_FOUND`, `SESSION_NOT_FOUND`,
     `DOMAIN_NOT_ALLOWED`, `CHAIN_NOT_SUPPORTED`, `CHALLENGE_NOT_FOUND`, `MESSAGE_MISMATCH`,
     `DOMAIN_MISMATCH`, `URI_MISMATCH`, `CHAIN_MISMATCH`, `MESSAGE_EXPIRED`,
     `MESSAGE_NOT_YET_VALID`, `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`,
@@ -187,7 +187,7 @@ class AuthServiceAsyncStub(AuthServiceStub):
 
     Errors. Every error carries a `google.rpc.ErrorInfo` with domain `auth.far.network` and a
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
-    `UNAUTHENTICATED`, `PERMISSION_DENIED`, `ACCOUNT_NOT_FOUND`, `SESSION_NOT_FOUND`,
+    `UNAUTHENTICATED`, `PERMISSION_DENIED`, `MISSING_ROLE`, `ACCOUNT_NOT_FOUND`, `SESSION_NOT_FOUND`,
     `DOMAIN_NOT_ALLOWED`, `CHAIN_NOT_SUPPORTED`, `CHALLENGE_NOT_FOUND`, `MESSAGE_MISMATCH`,
     `DOMAIN_MISMATCH`, `URI_MISMATCH`, `CHAIN_MISMATCH`, `MESSAGE_EXPIRED`,
     `MESSAGE_NOT_YET_VALID`, `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`,
@@ -321,7 +321,7 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Errors. Every error carries a `google.rpc.ErrorInfo` with domain `auth.far.network` and a
     `reason`: `INVALID_ARGUMENT` (with a `google.rpc.BadRequest` listing each bad field),
-    `UNAUTHENTICATED`, `PERMISSION_DENIED`, `ACCOUNT_NOT_FOUND`, `SESSION_NOT_FOUND`,
+    `UNAUTHENTICATED`, `PERMISSION_DENIED`, `MISSING_ROLE`, `ACCOUNT_NOT_FOUND`, `SESSION_NOT_FOUND`,
     `DOMAIN_NOT_ALLOWED`, `CHAIN_NOT_SUPPORTED`, `CHALLENGE_NOT_FOUND`, `MESSAGE_MISMATCH`,
     `DOMAIN_MISMATCH`, `URI_MISMATCH`, `CHAIN_MISMATCH`, `MESSAGE_EXPIRED`,
     `MESSAGE_NOT_YET_VALID`, `INVALID_SIGNATURE`, `REFRESH_TOKEN_INVALID`,

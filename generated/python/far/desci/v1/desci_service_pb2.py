@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from far.api.v1 import access_pb2 as far_dot_api_dot_v1_dot_access__pb2
 from far.type.v1 import chain_transaction_pb2 as far_dot_type_dot_v1_dot_chain__transaction__pb2
 from far.desci.v1 import dataset_pb2 as far_dot_desci_dot_v1_dot_dataset__pb2
 from far.desci.v1 import grant_pb2 as far_dot_desci_dot_v1_dot_grant__pb2
@@ -38,7 +39,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n far/desci/v1/desci_service.proto\x12\x0c\x66\x61r.desci.v1\x1a#far/type/v1/chain_transaction.proto\x1a\x1a\x66\x61r/desci/v1/dataset.proto\x1a\x18\x66\x61r/desci/v1/grant.proto\x1a\x1c\x66\x61r/desci/v1/milestone.proto\x1a\x1b\x66\x61r/desci/v1/proposal.proto\x1a\x19\x66\x61r/desci/v1/review.proto\x1a\x1e\x66\x61r/type/v1/token_amount.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"n\n\x19\x43reateGrantProgramRequest\x12\x18\n\nprogram_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\rgrant_program\x18\x02 \x01(\x0b\x32\x1a.far.desci.v1.GrantProgramB\x04\xe2\x41\x01\x02\"O\n\x16GetGrantProgramRequest\x12\x35\n\x04name\x18\x01 \x01(\tB\'\xe2\x41\x01\x02\xfa\x41 \n\x1e\x64\x65sci.far.network/GrantProgram\"\x83\x01\n\x18ListGrantProgramsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .far.desci.v1.GrantProgram.State\x12\x0f\n\x07manager\x18\x04 \x01(\t\"h\n\x19ListGrantProgramsResponse\x12\x32\n\x0egrant_programs\x18\x01 \x03(\x0b\x32\x1a.far.desci.v1.GrantProgram\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x85\x01\n\x19UpdateGrantProgramRequest\x12\x37\n\rgrant_program\x18\x01 \x01(\x0b\x32\x1a.far.desci.v1.GrantProgramB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x9f\x01\n\x17\x43reateGrantRoundRequest\x12\x37\n\x06parent\x18\x01 \x01(\tB\'\xe2\x41\x01\x02\xfa\x41 \n\x1e\x64\x65sci.far.network/GrantProgram\x12\x16\n\x08round_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x33\n\x0bgrant_round\x18\x03 \x01(\x0b\x32\x18.far.desci.v1.GrantRoundB\x04\xe2\x41\x01\x02\"K\n\x14GetGrantRoundRequest\x12\x33\n\x04name\x18\x01 \x01(\tB%\xe2\x41\x01\x02\xfa\x41\x1e\n\x1c\x64\x65sci.far.network/GrantRound\"\xa8\x01\n\x16ListGrantRoundsRequest\x12\x37\n\x06parent\x18\x01 \x01(\tB\'\xe2\x41\x01\x02\xfa\x41 \n\x1e\x64\x65sci.far.network/GrantProgram\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12.\n\x06states\x18\x04 \x03(\x0e\x32\x1e.far.desci.v1.GrantRound.State\"b\n\x17ListGrantRoundsResponse\x12.\n\x0cgrant_rounds\x18\x01 \x03(\x0b\x32\x18.far.desci.v1.GrantRound\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x7f\n\x17UpdateGrantRoundRequest\x12\x33\n\x0bgrant_round\x18\x01 \x01(\x0b\x32\x18.far.desci.v1.GrantRoundB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"G\n\x15\x43reateProposalRequest\x12.\n\x08proposal\x18\x01 \x01(\x0b\x32\x16.far.desci.v1.ProposalB\x04\xe2\x41\x01\x02\"G\n\x12GetProposalRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\"\xf5\x01\n\x14ListProposalsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x30\n\x05round\x18\x03 \x01(\tB!\xfa\x41\x1e\n\x1c\x64\x65sci.far.network/GrantRound\x12\x34\n\x07program\x18\x04 \x01(\tB#\xfa\x41 \n\x1e\x64\x65sci.far.network/GrantProgram\x12\x11\n\tapplicant\x18\x05 \x01(\t\x12,\n\x06states\x18\x06 \x03(\x0e\x32\x1c.far.desci.v1.Proposal.State\x12\r\n\x05query\x18\x07 \x01(\t\"[\n\x15ListProposalsResponse\x12)\n\tproposals\x18\x01 \x03(\x0b\x32\x16.far.desci.v1.Proposal\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"x\n\x15UpdateProposalRequest\x12.\n\x08proposal\x18\x01 \x01(\x0b\x32\x16.far.desci.v1.ProposalB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"X\n\x15\x44\x65leteProposalRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"X\n\x15SubmitProposalRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"]\n\x1aStartProposalReviewRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"g\n\x16\x41pproveProposalRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\"l\n\x15RejectProposalRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x12\n\x04note\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\"p\n\x13\x46undProposalRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\"v\n\x13\x43reateReviewRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12*\n\x06review\x18\x02 \x01(\x0b\x32\x14.far.desci.v1.ReviewB\x04\xe2\x41\x01\x02\"C\n\x10GetReviewRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x64\x65sci.far.network/Review\"p\n\x12ListReviewsRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x13ListReviewsResponse\x12%\n\x07reviews\x18\x01 \x03(\x0b\x32\x14.far.desci.v1.Review\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x13UpdateReviewRequest\x12*\n\x06review\x18\x01 \x01(\x0b\x32\x14.far.desci.v1.ReviewB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x95\x01\n\x16\x43reateMilestoneRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x14\n\x0cmilestone_id\x18\x02 \x01(\t\x12\x30\n\tmilestone\x18\x03 \x01(\x0b\x32\x17.far.desci.v1.MilestoneB\x04\xe2\x41\x01\x02\"I\n\x13GetMilestoneRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1b\x64\x65sci.far.network/Milestone\"s\n\x15ListMilestonesRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x16ListMilestonesResponse\x12+\n\nmilestones\x18\x01 \x03(\x0b\x32\x17.far.desci.v1.Milestone\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"{\n\x16UpdateMilestoneRequest\x12\x30\n\tmilestone\x18\x01 \x01(\x0b\x32\x17.far.desci.v1.MilestoneB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"L\n\x16\x44\x65leteMilestoneRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1b\x64\x65sci.far.network/Milestone\"\x92\x01\n\x1eSubmitMilestoneEvidenceRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1b\x64\x65sci.far.network/Milestone\x12.\n\x08\x65vidence\x18\x02 \x03(\x0b\x32\x16.far.desci.v1.EvidenceB\x04\xe2\x41\x01\x02\x12\x0c\n\x04note\x18\x03 \x01(\t\"\x86\x01\n\x17\x41pproveMilestoneRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1b\x64\x65sci.far.network/Milestone\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"q\n\x16RejectMilestoneRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1b\x64\x65sci.far.network/Milestone\x12\x15\n\x07\x63omment\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\"X\n\x14\x43reateDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12,\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.far.desci.v1.DatasetB\x04\xe2\x41\x01\x02\"E\n\x11GetDatasetRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19\x64\x65sci.far.network/Dataset\"\x8f\x02\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x0f\n\x07license\x18\x06 \x01(\t\x12+\n\tmax_price\x18\x07 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\x12\x11\n\tfree_only\x18\x08 \x01(\x08\x12*\n\x05state\x18\t \x01(\x0e\x32\x1b.far.desci.v1.Dataset.State\x12\x16\n\x0epurchased_only\x18\n \x01(\x08\x12\x10\n\x08order_by\x18\x0b \x01(\t\"X\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.far.desci.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"u\n\x14UpdateDatasetRequest\x12,\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.far.desci.v1.DatasetB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"V\n\x14\x44\x65leteDatasetRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19\x64\x65sci.far.network/Dataset\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x99\x01\n\x1bUploadDatasetContentRequest\x12/\n\x07\x64\x61taset\x18\x01 \x01(\tB\x1e\xfa\x41\x1b\n\x19\x64\x65sci.far.network/Dataset\x12\x30\n\x08metadata\x18\x02 \x01(\x0b\x32\x1c.far.desci.v1.UploadMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"i\n\x0eUploadMetadata\x12\x17\n\tfile_name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x18\n\nsize_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"w\n\x1cUploadDatasetContentResponse\x12\x0b\n\x03\x63id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12&\n\x07\x64\x61taset\x18\x04 \x01(\x0b\x32\x15.far.desci.v1.Dataset\"\x94\x01\n\x16PurchaseDatasetRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19\x64\x65sci.far.network/Dataset\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12.\n\x07payment\x18\x03 \x01(\x0b\x32\x1d.far.type.v1.ChainTransaction\"G\n\x12GetPurchaseRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Purchase\"\xaa\x01\n\x14ListPurchasesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12/\n\x07\x64\x61taset\x18\x03 \x01(\tB\x1e\xfa\x41\x1b\n\x19\x64\x65sci.far.network/Dataset\x12\r\n\x05\x62uyer\x18\x04 \x01(\t\x12+\n\x05state\x18\x05 \x01(\x0e\x32\x1c.far.desci.v1.Purchase.State\"[\n\x15ListPurchasesResponse\x12)\n\tpurchases\x18\x01 \x03(\x0b\x32\x16.far.desci.v1.Purchase\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"|\n GenerateDatasetAccessLinkRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19\x64\x65sci.far.network/Dataset\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xbb\x01\n!GenerateDatasetAccessLinkResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03\x63id\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x11\n\tfile_name\x18\x07 \x01(\t2\x90(\n\x0c\x44\x65sciService\x12\x83\x01\n\x12\x43reateGrantProgram\x12\'.far.desci.v1.CreateGrantProgramRequest\x1a\x1a.far.desci.v1.GrantProgram\"(\x82\xd3\xe4\x93\x02\"\"\x11/v1/grantPrograms:\rgrant_program\x12z\n\x0fGetGrantProgram\x12$.far.desci.v1.GetGrantProgramRequest\x1a\x1a.far.desci.v1.GrantProgram\"%\x90\x02\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/{name=grantPrograms/*}\x12\x82\x01\n\x11ListGrantPrograms\x12&.far.desci.v1.ListGrantProgramsRequest\x1a\'.far.desci.v1.ListGrantProgramsResponse\"\x1c\x90\x02\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/grantPrograms\x12\x8e\x01\n\x12UpdateGrantProgram\x12\'.far.desci.v1.UpdateGrantProgramRequest\x1a\x1a.far.desci.v1.GrantProgram\"3\x82\xd3\xe4\x93\x02-2(/v1/{grant_program.name=grantPrograms/*}:\x01*\x12\x8d\x01\n\x10\x43reateGrantRound\x12%.far.desci.v1.CreateGrantRoundRequest\x1a\x18.far.desci.v1.GrantRound\"8\x82\xd3\xe4\x93\x02\x32\"#/v1/{parent=grantPrograms/*}/rounds:\x0bgrant_round\x12}\n\rGetGrantRound\x12\".far.desci.v1.GetGrantRoundRequest\x1a\x18.far.desci.v1.GrantRound\".\x90\x02\x01\x82\xd3\xe4\x93\x02%\x12#/v1/{name=grantPrograms/*/rounds/*}\x12\x8e\x01\n\x0fListGrantRounds\x12$.far.desci.v1.ListGrantRoundsRequest\x1a%.far.desci.v1.ListGrantRoundsResponse\".\x90\x02\x01\x82\xd3\xe4\x93\x02%\x12#/v1/{parent=grantPrograms/*}/rounds\x12\x8f\x01\n\x10UpdateGrantRound\x12%.far.desci.v1.UpdateGrantRoundRequest\x1a\x18.far.desci.v1.GrantRound\":\x82\xd3\xe4\x93\x02\x34\x32//v1/{grant_round.name=grantPrograms/*/rounds/*}:\x01*\x12n\n\x0e\x43reateProposal\x12#.far.desci.v1.CreateProposalRequest\x1a\x16.far.desci.v1.Proposal\"\x1f\x82\xd3\xe4\x93\x02\x19\"\r/v1/proposals:\x08proposal\x12j\n\x0bGetProposal\x12 .far.desci.v1.GetProposalRequest\x1a\x16.far.desci.v1.Proposal\"!\x90\x02\x01\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/{name=proposals/*}\x12r\n\rListProposals\x12\".far.desci.v1.ListProposalsRequest\x1a#.far.desci.v1.ListProposalsResponse\"\x18\x90\x02\x01\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/proposals\x12y\n\x0eUpdateProposal\x12#.far.desci.v1.UpdateProposalRequest\x1a\x16.far.desci.v1.Proposal\"*\x82\xd3\xe4\x93\x02$2\x1f/v1/{proposal.name=proposals/*}:\x01*\x12m\n\x0e\x44\x65leteProposal\x12#.far.desci.v1.DeleteProposalRequest\x1a\x16.google.protobuf.Empty\"\x1e\x82\xd3\xe4\x93\x02\x18*\x16/v1/{name=proposals/*}\x12w\n\x0eSubmitProposal\x12#.far.desci.v1.SubmitProposalRequest\x1a\x16.far.desci.v1.Proposal\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{name=proposals/*}:submit:\x01*\x12\x86\x01\n\x13StartProposalReview\x12(.far.desci.v1.StartProposalReviewRequest\x1a\x16.far.desci.v1.Proposal\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/{name=proposals/*}:startReview:\x01*\x12z\n\x0f\x41pproveProposal\x12$.far.desci.v1.ApproveProposalRequest\x1a\x16.far.desci.v1.Proposal\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/{name=proposals/*}:approve:\x01*\x12w\n\x0eRejectProposal\x12#.far.desci.v1.RejectProposalRequest\x1a\x16.far.desci.v1.Proposal\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{name=proposals/*}:reject:\x01*\x12q\n\x0c\x46undProposal\x12!.far.desci.v1.FundProposalRequest\x1a\x16.far.desci.v1.Proposal\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/{name=proposals/*}:fund:\x01*\x12y\n\x0c\x43reateReview\x12!.far.desci.v1.CreateReviewRequest\x1a\x14.far.desci.v1.Review\"0\x82\xd3\xe4\x93\x02*\" /v1/{parent=proposals/*}/reviews:\x06review\x12n\n\tGetReview\x12\x1e.far.desci.v1.GetReviewRequest\x1a\x14.far.desci.v1.Review\"+\x90\x02\x01\x82\xd3\xe4\x93\x02\"\x12 /v1/{name=proposals/*/reviews/*}\x12\x7f\n\x0bListReviews\x12 .far.desci.v1.ListReviewsRequest\x1a!.far.desci.v1.ListReviewsResponse\"+\x90\x02\x01\x82\xd3\xe4\x93\x02\"\x12 /v1/{parent=proposals/*}/reviews\x12{\n\x0cUpdateReview\x12!.far.desci.v1.UpdateReviewRequest\x1a\x14.far.desci.v1.Review\"2\x82\xd3\xe4\x93\x02,2\'/v1/{review.name=proposals/*/reviews/*}:\x01*\x12\x88\x01\n\x0f\x43reateMilestone\x12$.far.desci.v1.CreateMilestoneRequest\x1a\x17.far.desci.v1.Milestone\"6\x82\xd3\xe4\x93\x02\x30\"#/v1/{parent=proposals/*}/milestones:\tmilestone\x12z\n\x0cGetMilestone\x12!.far.desci.v1.GetMilestoneRequest\x1a\x17.far.desci.v1.Milestone\".\x90\x02\x01\x82\xd3\xe4\x93\x02%\x12#/v1/{name=proposals/*/milestones/*}\x12\x8b\x01\n\x0eListMilestones\x12#.far.desci.v1.ListMilestonesRequest\x1a$.far.desci.v1.ListMilestonesResponse\".\x90\x02\x01\x82\xd3\xe4\x93\x02%\x12#/v1/{parent=proposals/*}/milestones\x12\x8a\x01\n\x0fUpdateMilestone\x12$.far.desci.v1.UpdateMilestoneRequest\x1a\x17.far.desci.v1.Milestone\"8\x82\xd3\xe4\x93\x02\x32\x32-/v1/{milestone.name=proposals/*/milestones/*}:\x01*\x12|\n\x0f\x44\x65leteMilestone\x12$.far.desci.v1.DeleteMilestoneRequest\x1a\x16.google.protobuf.Empty\"+\x82\xd3\xe4\x93\x02%*#/v1/{name=proposals/*/milestones/*}\x12\x9f\x01\n\x17SubmitMilestoneEvidence\x12,.far.desci.v1.SubmitMilestoneEvidenceRequest\x1a\x17.far.desci.v1.Milestone\"=\x82\xd3\xe4\x93\x02\x37\"2/v1/{name=proposals/*/milestones/*}:submitEvidence:\x01*\x12\x8a\x01\n\x10\x41pproveMilestone\x12%.far.desci.v1.ApproveMilestoneRequest\x1a\x17.far.desci.v1.Milestone\"6\x82\xd3\xe4\x93\x02\x30\"+/v1/{name=proposals/*/milestones/*}:approve:\x01*\x12\x87\x01\n\x0fRejectMilestone\x12$.far.desci.v1.RejectMilestoneRequest\x1a\x17.far.desci.v1.Milestone\"5\x82\xd3\xe4\x93\x02/\"*/v1/{name=proposals/*/milestones/*}:reject:\x01*\x12i\n\rCreateDataset\x12\".far.desci.v1.CreateDatasetRequest\x1a\x15.far.desci.v1.Dataset\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x0c/v1/datasets:\x07\x64\x61taset\x12\x66\n\nGetDataset\x12\x1f.far.desci.v1.GetDatasetRequest\x1a\x15.far.desci.v1.Dataset\" \x90\x02\x01\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/{name=datasets/*}\x12n\n\x0cListDatasets\x12!.far.desci.v1.ListDatasetsRequest\x1a\".far.desci.v1.ListDatasetsResponse\"\x17\x90\x02\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/datasets\x12t\n\rUpdateDataset\x12\".far.desci.v1.UpdateDatasetRequest\x1a\x15.far.desci.v1.Dataset\"(\x82\xd3\xe4\x93\x02\"2\x1d/v1/{dataset.name=datasets/*}:\x01*\x12j\n\rDeleteDataset\x12\".far.desci.v1.DeleteDatasetRequest\x1a\x16.google.protobuf.Empty\"\x1d\x82\xd3\xe4\x93\x02\x17*\x15/v1/{name=datasets/*}\x12\xa2\x01\n\x14UploadDatasetContent\x12).far.desci.v1.UploadDatasetContentRequest\x1a*.far.desci.v1.UploadDatasetContentResponse\"1\x82\xd3\xe4\x93\x02+\"&/v1/{dataset=datasets/*}:uploadContent:\x01*(\x01\x12z\n\x0fPurchaseDataset\x12$.far.desci.v1.PurchaseDatasetRequest\x1a\x16.far.desci.v1.Purchase\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/{name=datasets/*}:purchase:\x01*\x12j\n\x0bGetPurchase\x12 .far.desci.v1.GetPurchaseRequest\x1a\x16.far.desci.v1.Purchase\"!\x90\x02\x01\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/{name=purchases/*}\x12r\n\rListPurchases\x12\".far.desci.v1.ListPurchasesRequest\x1a#.far.desci.v1.ListPurchasesResponse\"\x18\x90\x02\x01\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/purchases\x12\xa9\x01\n\x19GenerateDatasetAccessLink\x12..far.desci.v1.GenerateDatasetAccessLinkRequest\x1a/.far.desci.v1.GenerateDatasetAccessLinkResponse\"+\x90\x02\x01\x82\xd3\xe4\x93\x02\"\x12 /v1/{name=datasets/*}:accessLinkb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n far/desci/v1/desci_service.proto\x12\x0c\x66\x61r.desci.v1\x1a\x17\x66\x61r/api/v1/access.proto\x1a#far/type/v1/chain_transaction.proto\x1a\x1a\x66\x61r/desci/v1/dataset.proto\x1a\x18\x66\x61r/desci/v1/grant.proto\x1a\x1c\x66\x61r/desci/v1/milestone.proto\x1a\x1b\x66\x61r/desci/v1/proposal.proto\x1a\x19\x66\x61r/desci/v1/review.proto\x1a\x1e\x66\x61r/type/v1/token_amount.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"n\n\x19\x43reateGrantProgramRequest\x12\x18\n\nprogram_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\rgrant_program\x18\x02 \x01(\x0b\x32\x1a.far.desci.v1.GrantProgramB\x04\xe2\x41\x01\x02\"O\n\x16GetGrantProgramRequest\x12\x35\n\x04name\x18\x01 \x01(\tB\'\xe2\x41\x01\x02\xfa\x41 \n\x1e\x64\x65sci.far.network/GrantProgram\"\x83\x01\n\x18ListGrantProgramsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .far.desci.v1.GrantProgram.State\x12\x0f\n\x07manager\x18\x04 \x01(\t\"h\n\x19ListGrantProgramsResponse\x12\x32\n\x0egrant_programs\x18\x01 \x03(\x0b\x32\x1a.far.desci.v1.GrantProgram\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x85\x01\n\x19UpdateGrantProgramRequest\x12\x37\n\rgrant_program\x18\x01 \x01(\x0b\x32\x1a.far.desci.v1.GrantProgramB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x9f\x01\n\x17\x43reateGrantRoundRequest\x12\x37\n\x06parent\x18\x01 \x01(\tB\'\xe2\x41\x01\x02\xfa\x41 \n\x1e\x64\x65sci.far.network/GrantProgram\x12\x16\n\x08round_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x33\n\x0bgrant_round\x18\x03 \x01(\x0b\x32\x18.far.desci.v1.GrantRoundB\x04\xe2\x41\x01\x02\"K\n\x14GetGrantRoundRequest\x12\x33\n\x04name\x18\x01 \x01(\tB%\xe2\x41\x01\x02\xfa\x41\x1e\n\x1c\x64\x65sci.far.network/GrantRound\"\xa8\x01\n\x16ListGrantRoundsRequest\x12\x37\n\x06parent\x18\x01 \x01(\tB\'\xe2\x41\x01\x02\xfa\x41 \n\x1e\x64\x65sci.far.network/GrantProgram\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12.\n\x06states\x18\x04 \x03(\x0e\x32\x1e.far.desci.v1.GrantRound.State\"b\n\x17ListGrantRoundsResponse\x12.\n\x0cgrant_rounds\x18\x01 \x03(\x0b\x32\x18.far.desci.v1.GrantRound\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x7f\n\x17UpdateGrantRoundRequest\x12\x33\n\x0bgrant_round\x18\x01 \x01(\x0b\x32\x18.far.desci.v1.GrantRoundB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"G\n\x15\x43reateProposalRequest\x12.\n\x08proposal\x18\x01 \x01(\x0b\x32\x16.far.desci.v1.ProposalB\x04\xe2\x41\x01\x02\"G\n\x12GetProposalRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\"\xf5\x01\n\x14ListProposalsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x30\n\x05round\x18\x03 \x01(\tB!\xfa\x41\x1e\n\x1c\x64\x65sci.far.network/GrantRound\x12\x34\n\x07program\x18\x04 \x01(\tB#\xfa\x41 \n\x1e\x64\x65sci.far.network/GrantProgram\x12\x11\n\tapplicant\x18\x05 \x01(\t\x12,\n\x06states\x18\x06 \x03(\x0e\x32\x1c.far.desci.v1.Proposal.State\x12\r\n\x05query\x18\x07 \x01(\t\"[\n\x15ListProposalsResponse\x12)\n\tproposals\x18\x01 \x03(\x0b\x32\x16.far.desci.v1.Proposal\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"x\n\x15UpdateProposalRequest\x12.\n\x08proposal\x18\x01 \x01(\x0b\x32\x16.far.desci.v1.ProposalB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"X\n\x15\x44\x65leteProposalRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"X\n\x15SubmitProposalRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"]\n\x1aStartProposalReviewRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"g\n\x16\x41pproveProposalRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\"l\n\x15RejectProposalRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x12\n\x04note\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\"p\n\x13\x46undProposalRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\"v\n\x13\x43reateReviewRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12*\n\x06review\x18\x02 \x01(\x0b\x32\x14.far.desci.v1.ReviewB\x04\xe2\x41\x01\x02\"C\n\x10GetReviewRequest\x12/\n\x04name\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x64\x65sci.far.network/Review\"p\n\x12ListReviewsRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x13ListReviewsResponse\x12%\n\x07reviews\x18\x01 \x03(\x0b\x32\x14.far.desci.v1.Review\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x13UpdateReviewRequest\x12*\n\x06review\x18\x01 \x01(\x0b\x32\x14.far.desci.v1.ReviewB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x95\x01\n\x16\x43reateMilestoneRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x14\n\x0cmilestone_id\x18\x02 \x01(\t\x12\x30\n\tmilestone\x18\x03 \x01(\x0b\x32\x17.far.desci.v1.MilestoneB\x04\xe2\x41\x01\x02\"I\n\x13GetMilestoneRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1b\x64\x65sci.far.network/Milestone\"s\n\x15ListMilestonesRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Proposal\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"^\n\x16ListMilestonesResponse\x12+\n\nmilestones\x18\x01 \x03(\x0b\x32\x17.far.desci.v1.Milestone\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"{\n\x16UpdateMilestoneRequest\x12\x30\n\tmilestone\x18\x01 \x01(\x0b\x32\x17.far.desci.v1.MilestoneB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"L\n\x16\x44\x65leteMilestoneRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1b\x64\x65sci.far.network/Milestone\"\x92\x01\n\x1eSubmitMilestoneEvidenceRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1b\x64\x65sci.far.network/Milestone\x12.\n\x08\x65vidence\x18\x02 \x03(\x0b\x32\x16.far.desci.v1.EvidenceB\x04\xe2\x41\x01\x02\x12\x0c\n\x04note\x18\x03 \x01(\t\"\x86\x01\n\x17\x41pproveMilestoneRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1b\x64\x65sci.far.network/Milestone\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"q\n\x16RejectMilestoneRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1b\x64\x65sci.far.network/Milestone\x12\x15\n\x07\x63omment\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\"X\n\x14\x43reateDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12,\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.far.desci.v1.DatasetB\x04\xe2\x41\x01\x02\"E\n\x11GetDatasetRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19\x64\x65sci.far.network/Dataset\"\x8f\x02\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x0f\n\x07license\x18\x06 \x01(\t\x12+\n\tmax_price\x18\x07 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\x12\x11\n\tfree_only\x18\x08 \x01(\x08\x12*\n\x05state\x18\t \x01(\x0e\x32\x1b.far.desci.v1.Dataset.State\x12\x16\n\x0epurchased_only\x18\n \x01(\x08\x12\x10\n\x08order_by\x18\x0b \x01(\t\"X\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.far.desci.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"u\n\x14UpdateDatasetRequest\x12,\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.far.desci.v1.DatasetB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"V\n\x14\x44\x65leteDatasetRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19\x64\x65sci.far.network/Dataset\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x99\x01\n\x1bUploadDatasetContentRequest\x12/\n\x07\x64\x61taset\x18\x01 \x01(\tB\x1e\xfa\x41\x1b\n\x19\x64\x65sci.far.network/Dataset\x12\x30\n\x08metadata\x18\x02 \x01(\x0b\x32\x1c.far.desci.v1.UploadMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"i\n\x0eUploadMetadata\x12\x17\n\tfile_name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x18\n\nsize_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"w\n\x1cUploadDatasetContentResponse\x12\x0b\n\x03\x63id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12&\n\x07\x64\x61taset\x18\x04 \x01(\x0b\x32\x15.far.desci.v1.Dataset\"\x94\x01\n\x16PurchaseDatasetRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19\x64\x65sci.far.network/Dataset\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12.\n\x07payment\x18\x03 \x01(\x0b\x32\x1d.far.type.v1.ChainTransaction\"G\n\x12GetPurchaseRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1a\x64\x65sci.far.network/Purchase\"\xaa\x01\n\x14ListPurchasesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12/\n\x07\x64\x61taset\x18\x03 \x01(\tB\x1e\xfa\x41\x1b\n\x19\x64\x65sci.far.network/Dataset\x12\r\n\x05\x62uyer\x18\x04 \x01(\t\x12+\n\x05state\x18\x05 \x01(\x0e\x32\x1c.far.desci.v1.Purchase.State\"[\n\x15ListPurchasesResponse\x12)\n\tpurchases\x18\x01 \x03(\x0b\x32\x16.far.desci.v1.Purchase\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"|\n GenerateDatasetAccessLinkRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19\x64\x65sci.far.network/Dataset\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xbb\x01\n!GenerateDatasetAccessLinkResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03\x63id\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x11\n\tfile_name\x18\x07 \x01(\t2\xa8*\n\x0c\x44\x65sciService\x12\x94\x01\n\x12\x43reateGrantProgram\x12\'.far.desci.v1.CreateGrantProgramRequest\x1a\x1a.far.desci.v1.GrantProgram\"9\xa2\xbb\x18\r\x08\x03\x12\torganizer\x82\xd3\xe4\x93\x02\"\"\x11/v1/grantPrograms:\rgrant_program\x12\x80\x01\n\x0fGetGrantProgram\x12$.far.desci.v1.GetGrantProgramRequest\x1a\x1a.far.desci.v1.GrantProgram\"+\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/{name=grantPrograms/*}\x12\x88\x01\n\x11ListGrantPrograms\x12&.far.desci.v1.ListGrantProgramsRequest\x1a\'.far.desci.v1.ListGrantProgramsResponse\"\"\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/grantPrograms\x12\x94\x01\n\x12UpdateGrantProgram\x12\'.far.desci.v1.UpdateGrantProgramRequest\x1a\x1a.far.desci.v1.GrantProgram\"9\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02-2(/v1/{grant_program.name=grantPrograms/*}:\x01*\x12\x93\x01\n\x10\x43reateGrantRound\x12%.far.desci.v1.CreateGrantRoundRequest\x1a\x18.far.desci.v1.GrantRound\">\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x32\"#/v1/{parent=grantPrograms/*}/rounds:\x0bgrant_round\x12\x83\x01\n\rGetGrantRound\x12\".far.desci.v1.GetGrantRoundRequest\x1a\x18.far.desci.v1.GrantRound\"4\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02%\x12#/v1/{name=grantPrograms/*/rounds/*}\x12\x94\x01\n\x0fListGrantRounds\x12$.far.desci.v1.ListGrantRoundsRequest\x1a%.far.desci.v1.ListGrantRoundsResponse\"4\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02%\x12#/v1/{parent=grantPrograms/*}/rounds\x12\x95\x01\n\x10UpdateGrantRound\x12%.far.desci.v1.UpdateGrantRoundRequest\x1a\x18.far.desci.v1.GrantRound\"@\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x34\x32//v1/{grant_round.name=grantPrograms/*/rounds/*}:\x01*\x12t\n\x0e\x43reateProposal\x12#.far.desci.v1.CreateProposalRequest\x1a\x16.far.desci.v1.Proposal\"%\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x19\"\r/v1/proposals:\x08proposal\x12p\n\x0bGetProposal\x12 .far.desci.v1.GetProposalRequest\x1a\x16.far.desci.v1.Proposal\"\'\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/{name=proposals/*}\x12x\n\rListProposals\x12\".far.desci.v1.ListProposalsRequest\x1a#.far.desci.v1.ListProposalsResponse\"\x1e\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/proposals\x12\x7f\n\x0eUpdateProposal\x12#.far.desci.v1.UpdateProposalRequest\x1a\x16.far.desci.v1.Proposal\"0\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02$2\x1f/v1/{proposal.name=proposals/*}:\x01*\x12s\n\x0e\x44\x65leteProposal\x12#.far.desci.v1.DeleteProposalRequest\x1a\x16.google.protobuf.Empty\"$\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x18*\x16/v1/{name=proposals/*}\x12}\n\x0eSubmitProposal\x12#.far.desci.v1.SubmitProposalRequest\x1a\x16.far.desci.v1.Proposal\".\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{name=proposals/*}:submit:\x01*\x12\x8c\x01\n\x13StartProposalReview\x12(.far.desci.v1.StartProposalReviewRequest\x1a\x16.far.desci.v1.Proposal\"3\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\'\"\"/v1/{name=proposals/*}:startReview:\x01*\x12\x80\x01\n\x0f\x41pproveProposal\x12$.far.desci.v1.ApproveProposalRequest\x1a\x16.far.desci.v1.Proposal\"/\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02#\"\x1e/v1/{name=proposals/*}:approve:\x01*\x12}\n\x0eRejectProposal\x12#.far.desci.v1.RejectProposalRequest\x1a\x16.far.desci.v1.Proposal\".\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{name=proposals/*}:reject:\x01*\x12w\n\x0c\x46undProposal\x12!.far.desci.v1.FundProposalRequest\x1a\x16.far.desci.v1.Proposal\",\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02 \"\x1b/v1/{name=proposals/*}:fund:\x01*\x12\x89\x01\n\x0c\x43reateReview\x12!.far.desci.v1.CreateReviewRequest\x1a\x14.far.desci.v1.Review\"@\xa2\xbb\x18\x0c\x08\x03\x12\x08reviewer\x82\xd3\xe4\x93\x02*\" /v1/{parent=proposals/*}/reviews:\x06review\x12t\n\tGetReview\x12\x1e.far.desci.v1.GetReviewRequest\x1a\x14.far.desci.v1.Review\"1\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\"\x12 /v1/{name=proposals/*/reviews/*}\x12\x85\x01\n\x0bListReviews\x12 .far.desci.v1.ListReviewsRequest\x1a!.far.desci.v1.ListReviewsResponse\"1\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\"\x12 /v1/{parent=proposals/*}/reviews\x12\x8b\x01\n\x0cUpdateReview\x12!.far.desci.v1.UpdateReviewRequest\x1a\x14.far.desci.v1.Review\"B\xa2\xbb\x18\x0c\x08\x03\x12\x08reviewer\x82\xd3\xe4\x93\x02,2\'/v1/{review.name=proposals/*/reviews/*}:\x01*\x12\x8e\x01\n\x0f\x43reateMilestone\x12$.far.desci.v1.CreateMilestoneRequest\x1a\x17.far.desci.v1.Milestone\"<\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x30\"#/v1/{parent=proposals/*}/milestones:\tmilestone\x12\x80\x01\n\x0cGetMilestone\x12!.far.desci.v1.GetMilestoneRequest\x1a\x17.far.desci.v1.Milestone\"4\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02%\x12#/v1/{name=proposals/*/milestones/*}\x12\x91\x01\n\x0eListMilestones\x12#.far.desci.v1.ListMilestonesRequest\x1a$.far.desci.v1.ListMilestonesResponse\"4\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02%\x12#/v1/{parent=proposals/*}/milestones\x12\x90\x01\n\x0fUpdateMilestone\x12$.far.desci.v1.UpdateMilestoneRequest\x1a\x17.far.desci.v1.Milestone\">\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x32\x32-/v1/{milestone.name=proposals/*/milestones/*}:\x01*\x12\x82\x01\n\x0f\x44\x65leteMilestone\x12$.far.desci.v1.DeleteMilestoneRequest\x1a\x16.google.protobuf.Empty\"1\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02%*#/v1/{name=proposals/*/milestones/*}\x12\xa5\x01\n\x17SubmitMilestoneEvidence\x12,.far.desci.v1.SubmitMilestoneEvidenceRequest\x1a\x17.far.desci.v1.Milestone\"C\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x37\"2/v1/{name=proposals/*/milestones/*}:submitEvidence:\x01*\x12\x90\x01\n\x10\x41pproveMilestone\x12%.far.desci.v1.ApproveMilestoneRequest\x1a\x17.far.desci.v1.Milestone\"<\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x30\"+/v1/{name=proposals/*/milestones/*}:approve:\x01*\x12\x8d\x01\n\x0fRejectMilestone\x12$.far.desci.v1.RejectMilestoneRequest\x1a\x17.far.desci.v1.Milestone\";\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02/\"*/v1/{name=proposals/*/milestones/*}:reject:\x01*\x12o\n\rCreateDataset\x12\".far.desci.v1.CreateDatasetRequest\x1a\x15.far.desci.v1.Dataset\"#\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x17\"\x0c/v1/datasets:\x07\x64\x61taset\x12l\n\nGetDataset\x12\x1f.far.desci.v1.GetDatasetRequest\x1a\x15.far.desci.v1.Dataset\"&\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/{name=datasets/*}\x12t\n\x0cListDatasets\x12!.far.desci.v1.ListDatasetsRequest\x1a\".far.desci.v1.ListDatasetsResponse\"\x1d\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/datasets\x12z\n\rUpdateDataset\x12\".far.desci.v1.UpdateDatasetRequest\x1a\x15.far.desci.v1.Dataset\".\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\"2\x1d/v1/{dataset.name=datasets/*}:\x01*\x12p\n\rDeleteDataset\x12\".far.desci.v1.DeleteDatasetRequest\x1a\x16.google.protobuf.Empty\"#\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x17*\x15/v1/{name=datasets/*}\x12\xa8\x01\n\x14UploadDatasetContent\x12).far.desci.v1.UploadDatasetContentRequest\x1a*.far.desci.v1.UploadDatasetContentResponse\"7\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02+\"&/v1/{dataset=datasets/*}:uploadContent:\x01*(\x01\x12\x80\x01\n\x0fPurchaseDataset\x12$.far.desci.v1.PurchaseDatasetRequest\x1a\x16.far.desci.v1.Purchase\"/\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02#\"\x1e/v1/{name=datasets/*}:purchase:\x01*\x12p\n\x0bGetPurchase\x12 .far.desci.v1.GetPurchaseRequest\x1a\x16.far.desci.v1.Purchase\"\'\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/{name=purchases/*}\x12x\n\rListPurchases\x12\".far.desci.v1.ListPurchasesRequest\x1a#.far.desci.v1.ListPurchasesResponse\"\x1e\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/purchases\x12\xaf\x01\n\x19GenerateDatasetAccessLink\x12..far.desci.v1.GenerateDatasetAccessLinkRequest\x1a/.far.desci.v1.GenerateDatasetAccessLinkResponse\"1\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\"\x12 /v1/{name=datasets/*}:accessLinkb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -150,185 +151,185 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEDATASETACCESSLINKREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_GENERATEDATASETACCESSLINKREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031desci.far.network/Dataset'
   _globals['_DESCISERVICE'].methods_by_name['CreateGrantProgram']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['CreateGrantProgram']._serialized_options = b'\202\323\344\223\002\"\"\021/v1/grantPrograms:\rgrant_program'
+  _globals['_DESCISERVICE'].methods_by_name['CreateGrantProgram']._serialized_options = b'\242\273\030\r\010\003\022\torganizer\202\323\344\223\002\"\"\021/v1/grantPrograms:\rgrant_program'
   _globals['_DESCISERVICE'].methods_by_name['GetGrantProgram']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['GetGrantProgram']._serialized_options = b'\220\002\001\202\323\344\223\002\034\022\032/v1/{name=grantPrograms/*}'
+  _globals['_DESCISERVICE'].methods_by_name['GetGrantProgram']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\034\022\032/v1/{name=grantPrograms/*}'
   _globals['_DESCISERVICE'].methods_by_name['ListGrantPrograms']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['ListGrantPrograms']._serialized_options = b'\220\002\001\202\323\344\223\002\023\022\021/v1/grantPrograms'
+  _globals['_DESCISERVICE'].methods_by_name['ListGrantPrograms']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\023\022\021/v1/grantPrograms'
   _globals['_DESCISERVICE'].methods_by_name['UpdateGrantProgram']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['UpdateGrantProgram']._serialized_options = b'\202\323\344\223\002-2(/v1/{grant_program.name=grantPrograms/*}:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['UpdateGrantProgram']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002-2(/v1/{grant_program.name=grantPrograms/*}:\001*'
   _globals['_DESCISERVICE'].methods_by_name['CreateGrantRound']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['CreateGrantRound']._serialized_options = b'\202\323\344\223\0022\"#/v1/{parent=grantPrograms/*}/rounds:\013grant_round'
+  _globals['_DESCISERVICE'].methods_by_name['CreateGrantRound']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\0022\"#/v1/{parent=grantPrograms/*}/rounds:\013grant_round'
   _globals['_DESCISERVICE'].methods_by_name['GetGrantRound']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['GetGrantRound']._serialized_options = b'\220\002\001\202\323\344\223\002%\022#/v1/{name=grantPrograms/*/rounds/*}'
+  _globals['_DESCISERVICE'].methods_by_name['GetGrantRound']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002%\022#/v1/{name=grantPrograms/*/rounds/*}'
   _globals['_DESCISERVICE'].methods_by_name['ListGrantRounds']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['ListGrantRounds']._serialized_options = b'\220\002\001\202\323\344\223\002%\022#/v1/{parent=grantPrograms/*}/rounds'
+  _globals['_DESCISERVICE'].methods_by_name['ListGrantRounds']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002%\022#/v1/{parent=grantPrograms/*}/rounds'
   _globals['_DESCISERVICE'].methods_by_name['UpdateGrantRound']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['UpdateGrantRound']._serialized_options = b'\202\323\344\223\00242//v1/{grant_round.name=grantPrograms/*/rounds/*}:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['UpdateGrantRound']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\00242//v1/{grant_round.name=grantPrograms/*/rounds/*}:\001*'
   _globals['_DESCISERVICE'].methods_by_name['CreateProposal']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['CreateProposal']._serialized_options = b'\202\323\344\223\002\031\"\r/v1/proposals:\010proposal'
+  _globals['_DESCISERVICE'].methods_by_name['CreateProposal']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\031\"\r/v1/proposals:\010proposal'
   _globals['_DESCISERVICE'].methods_by_name['GetProposal']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['GetProposal']._serialized_options = b'\220\002\001\202\323\344\223\002\030\022\026/v1/{name=proposals/*}'
+  _globals['_DESCISERVICE'].methods_by_name['GetProposal']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\030\022\026/v1/{name=proposals/*}'
   _globals['_DESCISERVICE'].methods_by_name['ListProposals']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['ListProposals']._serialized_options = b'\220\002\001\202\323\344\223\002\017\022\r/v1/proposals'
+  _globals['_DESCISERVICE'].methods_by_name['ListProposals']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\017\022\r/v1/proposals'
   _globals['_DESCISERVICE'].methods_by_name['UpdateProposal']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['UpdateProposal']._serialized_options = b'\202\323\344\223\002$2\037/v1/{proposal.name=proposals/*}:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['UpdateProposal']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002$2\037/v1/{proposal.name=proposals/*}:\001*'
   _globals['_DESCISERVICE'].methods_by_name['DeleteProposal']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['DeleteProposal']._serialized_options = b'\202\323\344\223\002\030*\026/v1/{name=proposals/*}'
+  _globals['_DESCISERVICE'].methods_by_name['DeleteProposal']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\030*\026/v1/{name=proposals/*}'
   _globals['_DESCISERVICE'].methods_by_name['SubmitProposal']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['SubmitProposal']._serialized_options = b'\202\323\344\223\002\"\"\035/v1/{name=proposals/*}:submit:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['SubmitProposal']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\"\"\035/v1/{name=proposals/*}:submit:\001*'
   _globals['_DESCISERVICE'].methods_by_name['StartProposalReview']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['StartProposalReview']._serialized_options = b'\202\323\344\223\002\'\"\"/v1/{name=proposals/*}:startReview:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['StartProposalReview']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\'\"\"/v1/{name=proposals/*}:startReview:\001*'
   _globals['_DESCISERVICE'].methods_by_name['ApproveProposal']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['ApproveProposal']._serialized_options = b'\202\323\344\223\002#\"\036/v1/{name=proposals/*}:approve:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['ApproveProposal']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002#\"\036/v1/{name=proposals/*}:approve:\001*'
   _globals['_DESCISERVICE'].methods_by_name['RejectProposal']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['RejectProposal']._serialized_options = b'\202\323\344\223\002\"\"\035/v1/{name=proposals/*}:reject:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['RejectProposal']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\"\"\035/v1/{name=proposals/*}:reject:\001*'
   _globals['_DESCISERVICE'].methods_by_name['FundProposal']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['FundProposal']._serialized_options = b'\202\323\344\223\002 \"\033/v1/{name=proposals/*}:fund:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['FundProposal']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002 \"\033/v1/{name=proposals/*}:fund:\001*'
   _globals['_DESCISERVICE'].methods_by_name['CreateReview']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['CreateReview']._serialized_options = b'\202\323\344\223\002*\" /v1/{parent=proposals/*}/reviews:\006review'
+  _globals['_DESCISERVICE'].methods_by_name['CreateReview']._serialized_options = b'\242\273\030\014\010\003\022\010reviewer\202\323\344\223\002*\" /v1/{parent=proposals/*}/reviews:\006review'
   _globals['_DESCISERVICE'].methods_by_name['GetReview']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['GetReview']._serialized_options = b'\220\002\001\202\323\344\223\002\"\022 /v1/{name=proposals/*/reviews/*}'
+  _globals['_DESCISERVICE'].methods_by_name['GetReview']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\"\022 /v1/{name=proposals/*/reviews/*}'
   _globals['_DESCISERVICE'].methods_by_name['ListReviews']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['ListReviews']._serialized_options = b'\220\002\001\202\323\344\223\002\"\022 /v1/{parent=proposals/*}/reviews'
+  _globals['_DESCISERVICE'].methods_by_name['ListReviews']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\"\022 /v1/{parent=proposals/*}/reviews'
   _globals['_DESCISERVICE'].methods_by_name['UpdateReview']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['UpdateReview']._serialized_options = b'\202\323\344\223\002,2\'/v1/{review.name=proposals/*/reviews/*}:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['UpdateReview']._serialized_options = b'\242\273\030\014\010\003\022\010reviewer\202\323\344\223\002,2\'/v1/{review.name=proposals/*/reviews/*}:\001*'
   _globals['_DESCISERVICE'].methods_by_name['CreateMilestone']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['CreateMilestone']._serialized_options = b'\202\323\344\223\0020\"#/v1/{parent=proposals/*}/milestones:\tmilestone'
+  _globals['_DESCISERVICE'].methods_by_name['CreateMilestone']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\0020\"#/v1/{parent=proposals/*}/milestones:\tmilestone'
   _globals['_DESCISERVICE'].methods_by_name['GetMilestone']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['GetMilestone']._serialized_options = b'\220\002\001\202\323\344\223\002%\022#/v1/{name=proposals/*/milestones/*}'
+  _globals['_DESCISERVICE'].methods_by_name['GetMilestone']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002%\022#/v1/{name=proposals/*/milestones/*}'
   _globals['_DESCISERVICE'].methods_by_name['ListMilestones']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['ListMilestones']._serialized_options = b'\220\002\001\202\323\344\223\002%\022#/v1/{parent=proposals/*}/milestones'
+  _globals['_DESCISERVICE'].methods_by_name['ListMilestones']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002%\022#/v1/{parent=proposals/*}/milestones'
   _globals['_DESCISERVICE'].methods_by_name['UpdateMilestone']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['UpdateMilestone']._serialized_options = b'\202\323\344\223\00222-/v1/{milestone.name=proposals/*/milestones/*}:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['UpdateMilestone']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\00222-/v1/{milestone.name=proposals/*/milestones/*}:\001*'
   _globals['_DESCISERVICE'].methods_by_name['DeleteMilestone']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['DeleteMilestone']._serialized_options = b'\202\323\344\223\002%*#/v1/{name=proposals/*/milestones/*}'
+  _globals['_DESCISERVICE'].methods_by_name['DeleteMilestone']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002%*#/v1/{name=proposals/*/milestones/*}'
   _globals['_DESCISERVICE'].methods_by_name['SubmitMilestoneEvidence']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['SubmitMilestoneEvidence']._serialized_options = b'\202\323\344\223\0027\"2/v1/{name=proposals/*/milestones/*}:submitEvidence:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['SubmitMilestoneEvidence']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\0027\"2/v1/{name=proposals/*/milestones/*}:submitEvidence:\001*'
   _globals['_DESCISERVICE'].methods_by_name['ApproveMilestone']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['ApproveMilestone']._serialized_options = b'\202\323\344\223\0020\"+/v1/{name=proposals/*/milestones/*}:approve:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['ApproveMilestone']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\0020\"+/v1/{name=proposals/*/milestones/*}:approve:\001*'
   _globals['_DESCISERVICE'].methods_by_name['RejectMilestone']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['RejectMilestone']._serialized_options = b'\202\323\344\223\002/\"*/v1/{name=proposals/*/milestones/*}:reject:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['RejectMilestone']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002/\"*/v1/{name=proposals/*/milestones/*}:reject:\001*'
   _globals['_DESCISERVICE'].methods_by_name['CreateDataset']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['CreateDataset']._serialized_options = b'\202\323\344\223\002\027\"\014/v1/datasets:\007dataset'
+  _globals['_DESCISERVICE'].methods_by_name['CreateDataset']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\027\"\014/v1/datasets:\007dataset'
   _globals['_DESCISERVICE'].methods_by_name['GetDataset']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['GetDataset']._serialized_options = b'\220\002\001\202\323\344\223\002\027\022\025/v1/{name=datasets/*}'
+  _globals['_DESCISERVICE'].methods_by_name['GetDataset']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\027\022\025/v1/{name=datasets/*}'
   _globals['_DESCISERVICE'].methods_by_name['ListDatasets']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['ListDatasets']._serialized_options = b'\220\002\001\202\323\344\223\002\016\022\014/v1/datasets'
+  _globals['_DESCISERVICE'].methods_by_name['ListDatasets']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\016\022\014/v1/datasets'
   _globals['_DESCISERVICE'].methods_by_name['UpdateDataset']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['UpdateDataset']._serialized_options = b'\202\323\344\223\002\"2\035/v1/{dataset.name=datasets/*}:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['UpdateDataset']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\"2\035/v1/{dataset.name=datasets/*}:\001*'
   _globals['_DESCISERVICE'].methods_by_name['DeleteDataset']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['DeleteDataset']._serialized_options = b'\202\323\344\223\002\027*\025/v1/{name=datasets/*}'
+  _globals['_DESCISERVICE'].methods_by_name['DeleteDataset']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\027*\025/v1/{name=datasets/*}'
   _globals['_DESCISERVICE'].methods_by_name['UploadDatasetContent']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['UploadDatasetContent']._serialized_options = b'\202\323\344\223\002+\"&/v1/{dataset=datasets/*}:uploadContent:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['UploadDatasetContent']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002+\"&/v1/{dataset=datasets/*}:uploadContent:\001*'
   _globals['_DESCISERVICE'].methods_by_name['PurchaseDataset']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['PurchaseDataset']._serialized_options = b'\202\323\344\223\002#\"\036/v1/{name=datasets/*}:purchase:\001*'
+  _globals['_DESCISERVICE'].methods_by_name['PurchaseDataset']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002#\"\036/v1/{name=datasets/*}:purchase:\001*'
   _globals['_DESCISERVICE'].methods_by_name['GetPurchase']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['GetPurchase']._serialized_options = b'\220\002\001\202\323\344\223\002\030\022\026/v1/{name=purchases/*}'
+  _globals['_DESCISERVICE'].methods_by_name['GetPurchase']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\030\022\026/v1/{name=purchases/*}'
   _globals['_DESCISERVICE'].methods_by_name['ListPurchases']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['ListPurchases']._serialized_options = b'\220\002\001\202\323\344\223\002\017\022\r/v1/purchases'
+  _globals['_DESCISERVICE'].methods_by_name['ListPurchases']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\017\022\r/v1/purchases'
   _globals['_DESCISERVICE'].methods_by_name['GenerateDatasetAccessLink']._loaded_options = None
-  _globals['_DESCISERVICE'].methods_by_name['GenerateDatasetAccessLink']._serialized_options = b'\220\002\001\202\323\344\223\002\"\022 /v1/{name=datasets/*}:accessLink'
-  _globals['_CREATEGRANTPROGRAMREQUEST']._serialized_start=477
-  _globals['_CREATEGRANTPROGRAMREQUEST']._serialized_end=587
-  _globals['_GETGRANTPROGRAMREQUEST']._serialized_start=589
-  _globals['_GETGRANTPROGRAMREQUEST']._serialized_end=668
-  _globals['_LISTGRANTPROGRAMSREQUEST']._serialized_start=671
-  _globals['_LISTGRANTPROGRAMSREQUEST']._serialized_end=802
-  _globals['_LISTGRANTPROGRAMSRESPONSE']._serialized_start=804
-  _globals['_LISTGRANTPROGRAMSRESPONSE']._serialized_end=908
-  _globals['_UPDATEGRANTPROGRAMREQUEST']._serialized_start=911
-  _globals['_UPDATEGRANTPROGRAMREQUEST']._serialized_end=1044
-  _globals['_CREATEGRANTROUNDREQUEST']._serialized_start=1047
-  _globals['_CREATEGRANTROUNDREQUEST']._serialized_end=1206
-  _globals['_GETGRANTROUNDREQUEST']._serialized_start=1208
-  _globals['_GETGRANTROUNDREQUEST']._serialized_end=1283
-  _globals['_LISTGRANTROUNDSREQUEST']._serialized_start=1286
-  _globals['_LISTGRANTROUNDSREQUEST']._serialized_end=1454
-  _globals['_LISTGRANTROUNDSRESPONSE']._serialized_start=1456
-  _globals['_LISTGRANTROUNDSRESPONSE']._serialized_end=1554
-  _globals['_UPDATEGRANTROUNDREQUEST']._serialized_start=1556
-  _globals['_UPDATEGRANTROUNDREQUEST']._serialized_end=1683
-  _globals['_CREATEPROPOSALREQUEST']._serialized_start=1685
-  _globals['_CREATEPROPOSALREQUEST']._serialized_end=1756
-  _globals['_GETPROPOSALREQUEST']._serialized_start=1758
-  _globals['_GETPROPOSALREQUEST']._serialized_end=1829
-  _globals['_LISTPROPOSALSREQUEST']._serialized_start=1832
-  _globals['_LISTPROPOSALSREQUEST']._serialized_end=2077
-  _globals['_LISTPROPOSALSRESPONSE']._serialized_start=2079
-  _globals['_LISTPROPOSALSRESPONSE']._serialized_end=2170
-  _globals['_UPDATEPROPOSALREQUEST']._serialized_start=2172
-  _globals['_UPDATEPROPOSALREQUEST']._serialized_end=2292
-  _globals['_DELETEPROPOSALREQUEST']._serialized_start=2294
-  _globals['_DELETEPROPOSALREQUEST']._serialized_end=2382
-  _globals['_SUBMITPROPOSALREQUEST']._serialized_start=2384
-  _globals['_SUBMITPROPOSALREQUEST']._serialized_end=2472
-  _globals['_STARTPROPOSALREVIEWREQUEST']._serialized_start=2474
-  _globals['_STARTPROPOSALREVIEWREQUEST']._serialized_end=2567
-  _globals['_APPROVEPROPOSALREQUEST']._serialized_start=2569
-  _globals['_APPROVEPROPOSALREQUEST']._serialized_end=2672
-  _globals['_REJECTPROPOSALREQUEST']._serialized_start=2674
-  _globals['_REJECTPROPOSALREQUEST']._serialized_end=2782
-  _globals['_FUNDPROPOSALREQUEST']._serialized_start=2784
-  _globals['_FUNDPROPOSALREQUEST']._serialized_end=2896
-  _globals['_CREATEREVIEWREQUEST']._serialized_start=2898
-  _globals['_CREATEREVIEWREQUEST']._serialized_end=3016
-  _globals['_GETREVIEWREQUEST']._serialized_start=3018
-  _globals['_GETREVIEWREQUEST']._serialized_end=3085
-  _globals['_LISTREVIEWSREQUEST']._serialized_start=3087
-  _globals['_LISTREVIEWSREQUEST']._serialized_end=3199
-  _globals['_LISTREVIEWSRESPONSE']._serialized_start=3201
-  _globals['_LISTREVIEWSRESPONSE']._serialized_end=3286
-  _globals['_UPDATEREVIEWREQUEST']._serialized_start=3288
-  _globals['_UPDATEREVIEWREQUEST']._serialized_end=3402
-  _globals['_CREATEMILESTONEREQUEST']._serialized_start=3405
-  _globals['_CREATEMILESTONEREQUEST']._serialized_end=3554
-  _globals['_GETMILESTONEREQUEST']._serialized_start=3556
-  _globals['_GETMILESTONEREQUEST']._serialized_end=3629
-  _globals['_LISTMILESTONESREQUEST']._serialized_start=3631
-  _globals['_LISTMILESTONESREQUEST']._serialized_end=3746
-  _globals['_LISTMILESTONESRESPONSE']._serialized_start=3748
-  _globals['_LISTMILESTONESRESPONSE']._serialized_end=3842
-  _globals['_UPDATEMILESTONEREQUEST']._serialized_start=3844
-  _globals['_UPDATEMILESTONEREQUEST']._serialized_end=3967
-  _globals['_DELETEMILESTONEREQUEST']._serialized_start=3969
-  _globals['_DELETEMILESTONEREQUEST']._serialized_end=4045
-  _globals['_SUBMITMILESTONEEVIDENCEREQUEST']._serialized_start=4048
-  _globals['_SUBMITMILESTONEEVIDENCEREQUEST']._serialized_end=4194
-  _globals['_APPROVEMILESTONEREQUEST']._serialized_start=4197
-  _globals['_APPROVEMILESTONEREQUEST']._serialized_end=4331
-  _globals['_REJECTMILESTONEREQUEST']._serialized_start=4333
-  _globals['_REJECTMILESTONEREQUEST']._serialized_end=4446
-  _globals['_CREATEDATASETREQUEST']._serialized_start=4448
-  _globals['_CREATEDATASETREQUEST']._serialized_end=4536
-  _globals['_GETDATASETREQUEST']._serialized_start=4538
-  _globals['_GETDATASETREQUEST']._serialized_end=4607
-  _globals['_LISTDATASETSREQUEST']._serialized_start=4610
-  _globals['_LISTDATASETSREQUEST']._serialized_end=4881
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=4883
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=4971
-  _globals['_UPDATEDATASETREQUEST']._serialized_start=4973
-  _globals['_UPDATEDATASETREQUEST']._serialized_end=5090
-  _globals['_DELETEDATASETREQUEST']._serialized_start=5092
-  _globals['_DELETEDATASETREQUEST']._serialized_end=5178
-  _globals['_UPLOADDATASETCONTENTREQUEST']._serialized_start=5181
-  _globals['_UPLOADDATASETCONTENTREQUEST']._serialized_end=5334
-  _globals['_UPLOADMETADATA']._serialized_start=5336
-  _globals['_UPLOADMETADATA']._serialized_end=5441
-  _globals['_UPLOADDATASETCONTENTRESPONSE']._serialized_start=5443
-  _globals['_UPLOADDATASETCONTENTRESPONSE']._serialized_end=5562
-  _globals['_PURCHASEDATASETREQUEST']._serialized_start=5565
-  _globals['_PURCHASEDATASETREQUEST']._serialized_end=5713
-  _globals['_GETPURCHASEREQUEST']._serialized_start=5715
-  _globals['_GETPURCHASEREQUEST']._serialized_end=5786
-  _globals['_LISTPURCHASESREQUEST']._serialized_start=5789
-  _globals['_LISTPURCHASESREQUEST']._serialized_end=5959
-  _globals['_LISTPURCHASESRESPONSE']._serialized_start=5961
-  _globals['_LISTPURCHASESRESPONSE']._serialized_end=6052
-  _globals['_GENERATEDATASETACCESSLINKREQUEST']._serialized_start=6054
-  _globals['_GENERATEDATASETACCESSLINKREQUEST']._serialized_end=6178
-  _globals['_GENERATEDATASETACCESSLINKRESPONSE']._serialized_start=6181
-  _globals['_GENERATEDATASETACCESSLINKRESPONSE']._serialized_end=6368
-  _globals['_DESCISERVICE']._serialized_start=6371
-  _globals['_DESCISERVICE']._serialized_end=11507
+  _globals['_DESCISERVICE'].methods_by_name['GenerateDatasetAccessLink']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\"\022 /v1/{name=datasets/*}:accessLink'
+  _globals['_CREATEGRANTPROGRAMREQUEST']._serialized_start=502
+  _globals['_CREATEGRANTPROGRAMREQUEST']._serialized_end=612
+  _globals['_GETGRANTPROGRAMREQUEST']._serialized_start=614
+  _globals['_GETGRANTPROGRAMREQUEST']._serialized_end=693
+  _globals['_LISTGRANTPROGRAMSREQUEST']._serialized_start=696
+  _globals['_LISTGRANTPROGRAMSREQUEST']._serialized_end=827
+  _globals['_LISTGRANTPROGRAMSRESPONSE']._serialized_start=829
+  _globals['_LISTGRANTPROGRAMSRESPONSE']._serialized_end=933
+  _globals['_UPDATEGRANTPROGRAMREQUEST']._serialized_start=936
+  _globals['_UPDATEGRANTPROGRAMREQUEST']._serialized_end=1069
+  _globals['_CREATEGRANTROUNDREQUEST']._serialized_start=1072
+  _globals['_CREATEGRANTROUNDREQUEST']._serialized_end=1231
+  _globals['_GETGRANTROUNDREQUEST']._serialized_start=1233
+  _globals['_GETGRANTROUNDREQUEST']._serialized_end=1308
+  _globals['_LISTGRANTROUNDSREQUEST']._serialized_start=1311
+  _globals['_LISTGRANTROUNDSREQUEST']._serialized_end=1479
+  _globals['_LISTGRANTROUNDSRESPONSE']._serialized_start=1481
+  _globals['_LISTGRANTROUNDSRESPONSE']._serialized_end=1579
+  _globals['_UPDATEGRANTROUNDREQUEST']._serialized_start=1581
+  _globals['_UPDATEGRANTROUNDREQUEST']._serialized_end=1708
+  _globals['_CREATEPROPOSALREQUEST']._serialized_start=1710
+  _globals['_CREATEPROPOSALREQUEST']._serialized_end=1781
+  _globals['_GETPROPOSALREQUEST']._serialized_start=1783
+  _globals['_GETPROPOSALREQUEST']._serialized_end=1854
+  _globals['_LISTPROPOSALSREQUEST']._serialized_start=1857
+  _globals['_LISTPROPOSALSREQUEST']._serialized_end=2102
+  _globals['_LISTPROPOSALSRESPONSE']._serialized_start=2104
+  _globals['_LISTPROPOSALSRESPONSE']._serialized_end=2195
+  _globals['_UPDATEPROPOSALREQUEST']._serialized_start=2197
+  _globals['_UPDATEPROPOSALREQUEST']._serialized_end=2317
+  _globals['_DELETEPROPOSALREQUEST']._serialized_start=2319
+  _globals['_DELETEPROPOSALREQUEST']._serialized_end=2407
+  _globals['_SUBMITPROPOSALREQUEST']._serialized_start=2409
+  _globals['_SUBMITPROPOSALREQUEST']._serialized_end=2497
+  _globals['_STARTPROPOSALREVIEWREQUEST']._serialized_start=2499
+  _globals['_STARTPROPOSALREVIEWREQUEST']._serialized_end=2592
+  _globals['_APPROVEPROPOSALREQUEST']._serialized_start=2594
+  _globals['_APPROVEPROPOSALREQUEST']._serialized_end=2697
+  _globals['_REJECTPROPOSALREQUEST']._serialized_start=2699
+  _globals['_REJECTPROPOSALREQUEST']._serialized_end=2807
+  _globals['_FUNDPROPOSALREQUEST']._serialized_start=2809
+  _globals['_FUNDPROPOSALREQUEST']._serialized_end=2921
+  _globals['_CREATEREVIEWREQUEST']._serialized_start=2923
+  _globals['_CREATEREVIEWREQUEST']._serialized_end=3041
+  _globals['_GETREVIEWREQUEST']._serialized_start=3043
+  _globals['_GETREVIEWREQUEST']._serialized_end=3110
+  _globals['_LISTREVIEWSREQUEST']._serialized_start=3112
+  _globals['_LISTREVIEWSREQUEST']._serialized_end=3224
+  _globals['_LISTREVIEWSRESPONSE']._serialized_start=3226
+  _globals['_LISTREVIEWSRESPONSE']._serialized_end=3311
+  _globals['_UPDATEREVIEWREQUEST']._serialized_start=3313
+  _globals['_UPDATEREVIEWREQUEST']._serialized_end=3427
+  _globals['_CREATEMILESTONEREQUEST']._serialized_start=3430
+  _globals['_CREATEMILESTONEREQUEST']._serialized_end=3579
+  _globals['_GETMILESTONEREQUEST']._serialized_start=3581
+  _globals['_GETMILESTONEREQUEST']._serialized_end=3654
+  _globals['_LISTMILESTONESREQUEST']._serialized_start=3656
+  _globals['_LISTMILESTONESREQUEST']._serialized_end=3771
+  _globals['_LISTMILESTONESRESPONSE']._serialized_start=3773
+  _globals['_LISTMILESTONESRESPONSE']._serialized_end=3867
+  _globals['_UPDATEMILESTONEREQUEST']._serialized_start=3869
+  _globals['_UPDATEMILESTONEREQUEST']._serialized_end=3992
+  _globals['_DELETEMILESTONEREQUEST']._serialized_start=3994
+  _globals['_DELETEMILESTONEREQUEST']._serialized_end=4070
+  _globals['_SUBMITMILESTONEEVIDENCEREQUEST']._serialized_start=4073
+  _globals['_SUBMITMILESTONEEVIDENCEREQUEST']._serialized_end=4219
+  _globals['_APPROVEMILESTONEREQUEST']._serialized_start=4222
+  _globals['_APPROVEMILESTONEREQUEST']._serialized_end=4356
+  _globals['_REJECTMILESTONEREQUEST']._serialized_start=4358
+  _globals['_REJECTMILESTONEREQUEST']._serialized_end=4471
+  _globals['_CREATEDATASETREQUEST']._serialized_start=4473
+  _globals['_CREATEDATASETREQUEST']._serialized_end=4561
+  _globals['_GETDATASETREQUEST']._serialized_start=4563
+  _globals['_GETDATASETREQUEST']._serialized_end=4632
+  _globals['_LISTDATASETSREQUEST']._serialized_start=4635
+  _globals['_LISTDATASETSREQUEST']._serialized_end=4906
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=4908
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=4996
+  _globals['_UPDATEDATASETREQUEST']._serialized_start=4998
+  _globals['_UPDATEDATASETREQUEST']._serialized_end=5115
+  _globals['_DELETEDATASETREQUEST']._serialized_start=5117
+  _globals['_DELETEDATASETREQUEST']._serialized_end=5203
+  _globals['_UPLOADDATASETCONTENTREQUEST']._serialized_start=5206
+  _globals['_UPLOADDATASETCONTENTREQUEST']._serialized_end=5359
+  _globals['_UPLOADMETADATA']._serialized_start=5361
+  _globals['_UPLOADMETADATA']._serialized_end=5466
+  _globals['_UPLOADDATASETCONTENTRESPONSE']._serialized_start=5468
+  _globals['_UPLOADDATASETCONTENTRESPONSE']._serialized_end=5587
+  _globals['_PURCHASEDATASETREQUEST']._serialized_start=5590
+  _globals['_PURCHASEDATASETREQUEST']._serialized_end=5738
+  _globals['_GETPURCHASEREQUEST']._serialized_start=5740
+  _globals['_GETPURCHASEREQUEST']._serialized_end=5811
+  _globals['_LISTPURCHASESREQUEST']._serialized_start=5814
+  _globals['_LISTPURCHASESREQUEST']._serialized_end=5984
+  _globals['_LISTPURCHASESRESPONSE']._serialized_start=5986
+  _globals['_LISTPURCHASESRESPONSE']._serialized_end=6077
+  _globals['_GENERATEDATASETACCESSLINKREQUEST']._serialized_start=6079
+  _globals['_GENERATEDATASETACCESSLINKREQUEST']._serialized_end=6203
+  _globals['_GENERATEDATASETACCESSLINKRESPONSE']._serialized_start=6206
+  _globals['_GENERATEDATASETACCESSLINKRESPONSE']._serialized_end=6393
+  _globals['_DESCISERVICE']._serialized_start=6396
+  _globals['_DESCISERVICE']._serialized_end=11812
 # @@protoc_insertion_point(module_scope)

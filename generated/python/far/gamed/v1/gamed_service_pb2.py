@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from far.api.v1 import access_pb2 as far_dot_api_dot_v1_dot_access__pb2
 from far.gamed.v1 import build_pb2 as far_dot_gamed_dot_v1_dot_build__pb2
 from far.gamed.v1 import channel_pb2 as far_dot_gamed_dot_v1_dot_channel__pb2
 from far.gamed.v1 import game_pb2 as far_dot_gamed_dot_v1_dot_game__pb2
@@ -34,7 +35,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n far/gamed/v1/gamed_service.proto\x12\x0c\x66\x61r.gamed.v1\x1a\x18\x66\x61r/gamed/v1/build.proto\x1a\x1a\x66\x61r/gamed/v1/channel.proto\x1a\x17\x66\x61r/gamed/v1/game.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"R\n\x11\x43reateGameRequest\x12\x15\n\x07game_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x04game\x18\x02 \x01(\x0b\x32\x12.far.gamed.v1.GameB\x04\xe2\x41\x01\x02\"?\n\x0eGetGameRequest\x12-\n\x04name\x18\x01 \x01(\tB\x1f\xe2\x41\x01\x02\xfa\x41\x18\n\x16gamed.far.network/Game\"\xcf\x01\n\x10ListGamesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12\r\n\x05genre\x18\x04 \x01(\t\x12(\n\x08platform\x18\x05 \x01(\x0e\x32\x16.far.gamed.v1.Platform\x12\x11\n\tpublisher\x18\x06 \x01(\t\x12\'\n\x05state\x18\x07 \x01(\x0e\x32\x18.far.gamed.v1.Game.State\x12\x10\n\x08order_by\x18\x08 \x01(\t\"O\n\x11ListGamesResponse\x12!\n\x05games\x18\x01 \x03(\x0b\x32\x12.far.gamed.v1.Game\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"l\n\x11UpdateGameRequest\x12&\n\x04game\x18\x01 \x01(\x0b\x32\x12.far.gamed.v1.GameB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"P\n\x11\x44\x65leteGameRequest\x12-\n\x04name\x18\x01 \x01(\tB\x1f\xe2\x41\x01\x02\xfa\x41\x18\n\x16gamed.far.network/Game\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x81\x01\n\x12\x43reateBuildRequest\x12/\n\x06parent\x18\x01 \x01(\tB\x1f\xe2\x41\x01\x02\xfa\x41\x18\n\x16gamed.far.network/Game\x12\x10\n\x08\x62uild_id\x18\x02 \x01(\t\x12(\n\x05\x62uild\x18\x03 \x01(\x0b\x32\x13.far.gamed.v1.BuildB\x04\xe2\x41\x01\x02\"A\n\x0fGetBuildRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17gamed.far.network/Build\"\x95\x01\n\x11ListBuildsRequest\x12/\n\x06parent\x18\x01 \x01(\tB\x1f\xe2\x41\x01\x02\xfa\x41\x18\n\x16gamed.far.network/Game\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12(\n\x08platform\x18\x04 \x01(\x0e\x32\x16.far.gamed.v1.Platform\"R\n\x12ListBuildsResponse\x12#\n\x06\x62uilds\x18\x01 \x03(\x0b\x32\x13.far.gamed.v1.Build\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"D\n\x12\x44\x65leteBuildRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17gamed.far.network/Build\"t\n\x1aGenerateUploadLinksRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17gamed.far.network/Build\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"v\n\x1bGenerateUploadLinksResponse\x12&\n\x05links\x18\x01 \x03(\x0b\x32\x17.far.gamed.v1.AssetLink\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdc\x01\n\x1cGenerateDownloadLinksRequest\x12-\n\x05\x62uild\x18\x01 \x01(\tB\x1c\xfa\x41\x19\n\x17gamed.far.network/BuildH\x00\x12\x31\n\x07\x63hannel\x18\x02 \x01(\tB\x1e\xfa\x41\x1b\n\x19gamed.far.network/ChannelH\x00\x12(\n\x08platform\x18\x03 \x01(\x0e\x32\x16.far.gamed.v1.Platform\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x08\n\x06target\"\xc2\x01\n\x1dGenerateDownloadLinksResponse\x12\r\n\x05\x62uild\x18\x01 \x01(\t\x12(\n\x08platform\x18\x02 \x01(\x0e\x32\x16.far.gamed.v1.Platform\x12\x0f\n\x07version\x18\x03 \x01(\t\x12&\n\x05links\x18\x04 \x03(\x0b\x32\x17.far.gamed.v1.AssetLink\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb1\x01\n\tAssetLink\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x35\n\x07headers\x18\x05 \x03(\x0b\x32$.far.gamed.v1.AssetLink.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x01\n\x14\x43reateChannelRequest\x12/\n\x06parent\x18\x01 \x01(\tB\x1f\xe2\x41\x01\x02\xfa\x41\x18\n\x16gamed.far.network/Game\x12\x18\n\nchannel_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x07\x63hannel\x18\x03 \x01(\x0b\x32\x15.far.gamed.v1.Channel\"E\n\x11GetChannelRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19gamed.far.network/Channel\"m\n\x13ListChannelsRequest\x12/\n\x06parent\x18\x01 \x01(\tB\x1f\xe2\x41\x01\x02\xfa\x41\x18\n\x16gamed.far.network/Game\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"X\n\x14ListChannelsResponse\x12\'\n\x08\x63hannels\x18\x01 \x03(\x0b\x32\x15.far.gamed.v1.Channel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"H\n\x14\x44\x65leteChannelRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19gamed.far.network/Channel\"x\n\x13PromoteBuildRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19gamed.far.network/Channel\x12/\n\x05\x62uild\x18\x02 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17gamed.far.network/Build\"z\n\x16RollbackChannelRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19gamed.far.network/Channel\x12.\n\x08platform\x18\x02 \x01(\x0e\x32\x16.far.gamed.v1.PlatformB\x04\xe2\x41\x01\x02\"\x9a\x01\n\x13ListReleasesRequest\x12\x32\n\x06parent\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19gamed.far.network/Channel\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12(\n\x08platform\x18\x04 \x01(\x0e\x32\x16.far.gamed.v1.Platform\"X\n\x14ListReleasesResponse\x12\'\n\x08releases\x18\x01 \x03(\x0b\x32\x15.far.gamed.v1.Release\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa8\x11\n\x0cGamedService\x12Z\n\nCreateGame\x12\x1f.far.gamed.v1.CreateGameRequest\x1a\x12.far.gamed.v1.Game\"\x17\x82\xd3\xe4\x93\x02\x11\"\t/v1/games:\x04game\x12Z\n\x07GetGame\x12\x1c.far.gamed.v1.GetGameRequest\x1a\x12.far.gamed.v1.Game\"\x1d\x90\x02\x01\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/{name=games/*}\x12\x62\n\tListGames\x12\x1e.far.gamed.v1.ListGamesRequest\x1a\x1f.far.gamed.v1.ListGamesResponse\"\x14\x90\x02\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/games\x12\x65\n\nUpdateGame\x12\x1f.far.gamed.v1.UpdateGameRequest\x1a\x12.far.gamed.v1.Game\"\"\x82\xd3\xe4\x93\x02\x1c\x32\x17/v1/{game.name=games/*}:\x01*\x12\x61\n\nDeleteGame\x12\x1f.far.gamed.v1.DeleteGameRequest\x1a\x16.google.protobuf.Empty\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/v1/{name=games/*}\x12p\n\x0b\x43reateBuild\x12 .far.gamed.v1.CreateBuildRequest\x1a\x13.far.gamed.v1.Build\"*\x82\xd3\xe4\x93\x02$\"\x1b/v1/{parent=games/*}/builds:\x05\x62uild\x12\x66\n\x08GetBuild\x12\x1d.far.gamed.v1.GetBuildRequest\x1a\x13.far.gamed.v1.Build\"&\x90\x02\x01\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/{name=games/*/builds/*}\x12w\n\nListBuilds\x12\x1f.far.gamed.v1.ListBuildsRequest\x1a .far.gamed.v1.ListBuildsResponse\"&\x90\x02\x01\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/{parent=games/*}/builds\x12l\n\x0b\x44\x65leteBuild\x12 .far.gamed.v1.DeleteBuildRequest\x1a\x16.google.protobuf.Empty\"#\x82\xd3\xe4\x93\x02\x1d*\x1b/v1/{name=games/*/builds/*}\x12\xa6\x01\n\x13GenerateUploadLinks\x12(.far.gamed.v1.GenerateUploadLinksRequest\x1a).far.gamed.v1.GenerateUploadLinksResponse\":\x82\xd3\xe4\x93\x02\x34\"//v1/{name=games/*/builds/*}:generateUploadLinks:\x01*\x12\xd9\x01\n\x15GenerateDownloadLinks\x12*.far.gamed.v1.GenerateDownloadLinksRequest\x1a+.far.gamed.v1.GenerateDownloadLinksResponse\"g\x90\x02\x01\x82\xd3\xe4\x93\x02^\x12*/v1/{build=games/*/builds/*}:downloadLinksZ0\x12./v1/{channel=games/*/channels/*}:downloadLinks\x12z\n\rCreateChannel\x12\".far.gamed.v1.CreateChannelRequest\x1a\x15.far.gamed.v1.Channel\".\x82\xd3\xe4\x93\x02(\"\x1d/v1/{parent=games/*}/channels:\x07\x63hannel\x12n\n\nGetChannel\x12\x1f.far.gamed.v1.GetChannelRequest\x1a\x15.far.gamed.v1.Channel\"(\x90\x02\x01\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/{name=games/*/channels/*}\x12\x7f\n\x0cListChannels\x12!.far.gamed.v1.ListChannelsRequest\x1a\".far.gamed.v1.ListChannelsResponse\"(\x90\x02\x01\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/{parent=games/*}/channels\x12r\n\rDeleteChannel\x12\".far.gamed.v1.DeleteChannelRequest\x1a\x16.google.protobuf.Empty\"%\x82\xd3\xe4\x93\x02\x1f*\x1d/v1/{name=games/*/channels/*}\x12z\n\x0cPromoteBuild\x12!.far.gamed.v1.PromoteBuildRequest\x1a\x15.far.gamed.v1.Channel\"0\x82\xd3\xe4\x93\x02*\"%/v1/{name=games/*/channels/*}:promote:\x01*\x12\x81\x01\n\x0fRollbackChannel\x12$.far.gamed.v1.RollbackChannelRequest\x1a\x15.far.gamed.v1.Channel\"1\x82\xd3\xe4\x93\x02+\"&/v1/{name=games/*/channels/*}:rollback:\x01*\x12\x8a\x01\n\x0cListReleases\x12!.far.gamed.v1.ListReleasesRequest\x1a\".far.gamed.v1.ListReleasesResponse\"3\x90\x02\x01\x82\xd3\xe4\x93\x02*\x12(/v1/{parent=games/*/channels/*}/releasesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n far/gamed/v1/gamed_service.proto\x12\x0c\x66\x61r.gamed.v1\x1a\x17\x66\x61r/api/v1/access.proto\x1a\x18\x66\x61r/gamed/v1/build.proto\x1a\x1a\x66\x61r/gamed/v1/channel.proto\x1a\x17\x66\x61r/gamed/v1/game.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"R\n\x11\x43reateGameRequest\x12\x15\n\x07game_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x04game\x18\x02 \x01(\x0b\x32\x12.far.gamed.v1.GameB\x04\xe2\x41\x01\x02\"?\n\x0eGetGameRequest\x12-\n\x04name\x18\x01 \x01(\tB\x1f\xe2\x41\x01\x02\xfa\x41\x18\n\x16gamed.far.network/Game\"\xcf\x01\n\x10ListGamesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12\r\n\x05genre\x18\x04 \x01(\t\x12(\n\x08platform\x18\x05 \x01(\x0e\x32\x16.far.gamed.v1.Platform\x12\x11\n\tpublisher\x18\x06 \x01(\t\x12\'\n\x05state\x18\x07 \x01(\x0e\x32\x18.far.gamed.v1.Game.State\x12\x10\n\x08order_by\x18\x08 \x01(\t\"O\n\x11ListGamesResponse\x12!\n\x05games\x18\x01 \x03(\x0b\x32\x12.far.gamed.v1.Game\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"l\n\x11UpdateGameRequest\x12&\n\x04game\x18\x01 \x01(\x0b\x32\x12.far.gamed.v1.GameB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"P\n\x11\x44\x65leteGameRequest\x12-\n\x04name\x18\x01 \x01(\tB\x1f\xe2\x41\x01\x02\xfa\x41\x18\n\x16gamed.far.network/Game\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x81\x01\n\x12\x43reateBuildRequest\x12/\n\x06parent\x18\x01 \x01(\tB\x1f\xe2\x41\x01\x02\xfa\x41\x18\n\x16gamed.far.network/Game\x12\x10\n\x08\x62uild_id\x18\x02 \x01(\t\x12(\n\x05\x62uild\x18\x03 \x01(\x0b\x32\x13.far.gamed.v1.BuildB\x04\xe2\x41\x01\x02\"A\n\x0fGetBuildRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17gamed.far.network/Build\"\x95\x01\n\x11ListBuildsRequest\x12/\n\x06parent\x18\x01 \x01(\tB\x1f\xe2\x41\x01\x02\xfa\x41\x18\n\x16gamed.far.network/Game\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12(\n\x08platform\x18\x04 \x01(\x0e\x32\x16.far.gamed.v1.Platform\"R\n\x12ListBuildsResponse\x12#\n\x06\x62uilds\x18\x01 \x03(\x0b\x32\x13.far.gamed.v1.Build\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"D\n\x12\x44\x65leteBuildRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17gamed.far.network/Build\"t\n\x1aGenerateUploadLinksRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17gamed.far.network/Build\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"v\n\x1bGenerateUploadLinksResponse\x12&\n\x05links\x18\x01 \x03(\x0b\x32\x17.far.gamed.v1.AssetLink\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdc\x01\n\x1cGenerateDownloadLinksRequest\x12-\n\x05\x62uild\x18\x01 \x01(\tB\x1c\xfa\x41\x19\n\x17gamed.far.network/BuildH\x00\x12\x31\n\x07\x63hannel\x18\x02 \x01(\tB\x1e\xfa\x41\x1b\n\x19gamed.far.network/ChannelH\x00\x12(\n\x08platform\x18\x03 \x01(\x0e\x32\x16.far.gamed.v1.Platform\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x08\n\x06target\"\xc2\x01\n\x1dGenerateDownloadLinksResponse\x12\r\n\x05\x62uild\x18\x01 \x01(\t\x12(\n\x08platform\x18\x02 \x01(\x0e\x32\x16.far.gamed.v1.Platform\x12\x0f\n\x07version\x18\x03 \x01(\t\x12&\n\x05links\x18\x04 \x03(\x0b\x32\x17.far.gamed.v1.AssetLink\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb1\x01\n\tAssetLink\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x35\n\x07headers\x18\x05 \x03(\x0b\x32$.far.gamed.v1.AssetLink.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x89\x01\n\x14\x43reateChannelRequest\x12/\n\x06parent\x18\x01 \x01(\tB\x1f\xe2\x41\x01\x02\xfa\x41\x18\n\x16gamed.far.network/Game\x12\x18\n\nchannel_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x07\x63hannel\x18\x03 \x01(\x0b\x32\x15.far.gamed.v1.Channel\"E\n\x11GetChannelRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19gamed.far.network/Channel\"m\n\x13ListChannelsRequest\x12/\n\x06parent\x18\x01 \x01(\tB\x1f\xe2\x41\x01\x02\xfa\x41\x18\n\x16gamed.far.network/Game\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"X\n\x14ListChannelsResponse\x12\'\n\x08\x63hannels\x18\x01 \x03(\x0b\x32\x15.far.gamed.v1.Channel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"H\n\x14\x44\x65leteChannelRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19gamed.far.network/Channel\"x\n\x13PromoteBuildRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19gamed.far.network/Channel\x12/\n\x05\x62uild\x18\x02 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17gamed.far.network/Build\"z\n\x16RollbackChannelRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19gamed.far.network/Channel\x12.\n\x08platform\x18\x02 \x01(\x0e\x32\x16.far.gamed.v1.PlatformB\x04\xe2\x41\x01\x02\"\x9a\x01\n\x13ListReleasesRequest\x12\x32\n\x06parent\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19gamed.far.network/Channel\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12(\n\x08platform\x18\x04 \x01(\x0e\x32\x16.far.gamed.v1.Platform\"X\n\x14ListReleasesResponse\x12\'\n\x08releases\x18\x01 \x03(\x0b\x32\x15.far.gamed.v1.Release\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa2\x12\n\x0cGamedService\x12k\n\nCreateGame\x12\x1f.far.gamed.v1.CreateGameRequest\x1a\x12.far.gamed.v1.Game\"(\xa2\xbb\x18\r\x08\x03\x12\tpublisher\x82\xd3\xe4\x93\x02\x11\"\t/v1/games:\x04game\x12`\n\x07GetGame\x12\x1c.far.gamed.v1.GetGameRequest\x1a\x12.far.gamed.v1.Game\"#\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/{name=games/*}\x12h\n\tListGames\x12\x1e.far.gamed.v1.ListGamesRequest\x1a\x1f.far.gamed.v1.ListGamesResponse\"\x1a\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/games\x12k\n\nUpdateGame\x12\x1f.far.gamed.v1.UpdateGameRequest\x1a\x12.far.gamed.v1.Game\"(\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1c\x32\x17/v1/{game.name=games/*}:\x01*\x12g\n\nDeleteGame\x12\x1f.far.gamed.v1.DeleteGameRequest\x1a\x16.google.protobuf.Empty\" \xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x14*\x12/v1/{name=games/*}\x12v\n\x0b\x43reateBuild\x12 .far.gamed.v1.CreateBuildRequest\x1a\x13.far.gamed.v1.Build\"0\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02$\"\x1b/v1/{parent=games/*}/builds:\x05\x62uild\x12l\n\x08GetBuild\x12\x1d.far.gamed.v1.GetBuildRequest\x1a\x13.far.gamed.v1.Build\",\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/{name=games/*/builds/*}\x12}\n\nListBuilds\x12\x1f.far.gamed.v1.ListBuildsRequest\x1a .far.gamed.v1.ListBuildsResponse\",\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/{parent=games/*}/builds\x12r\n\x0b\x44\x65leteBuild\x12 .far.gamed.v1.DeleteBuildRequest\x1a\x16.google.protobuf.Empty\")\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1d*\x1b/v1/{name=games/*/builds/*}\x12\xac\x01\n\x13GenerateUploadLinks\x12(.far.gamed.v1.GenerateUploadLinksRequest\x1a).far.gamed.v1.GenerateUploadLinksResponse\"@\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x34\"//v1/{name=games/*/builds/*}:generateUploadLinks:\x01*\x12\xdf\x01\n\x15GenerateDownloadLinks\x12*.far.gamed.v1.GenerateDownloadLinksRequest\x1a+.far.gamed.v1.GenerateDownloadLinksResponse\"m\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02^\x12*/v1/{build=games/*/builds/*}:downloadLinksZ0\x12./v1/{channel=games/*/channels/*}:downloadLinks\x12\x80\x01\n\rCreateChannel\x12\".far.gamed.v1.CreateChannelRequest\x1a\x15.far.gamed.v1.Channel\"4\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02(\"\x1d/v1/{parent=games/*}/channels:\x07\x63hannel\x12t\n\nGetChannel\x12\x1f.far.gamed.v1.GetChannelRequest\x1a\x15.far.gamed.v1.Channel\".\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/{name=games/*/channels/*}\x12\x85\x01\n\x0cListChannels\x12!.far.gamed.v1.ListChannelsRequest\x1a\".far.gamed.v1.ListChannelsResponse\".\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/{parent=games/*}/channels\x12x\n\rDeleteChannel\x12\".far.gamed.v1.DeleteChannelRequest\x1a\x16.google.protobuf.Empty\"+\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1f*\x1d/v1/{name=games/*/channels/*}\x12\x80\x01\n\x0cPromoteBuild\x12!.far.gamed.v1.PromoteBuildRequest\x1a\x15.far.gamed.v1.Channel\"6\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02*\"%/v1/{name=games/*/channels/*}:promote:\x01*\x12\x87\x01\n\x0fRollbackChannel\x12$.far.gamed.v1.RollbackChannelRequest\x1a\x15.far.gamed.v1.Channel\"7\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02+\"&/v1/{name=games/*/channels/*}:rollback:\x01*\x12\x90\x01\n\x0cListReleases\x12!.far.gamed.v1.ListReleasesRequest\x1a\".far.gamed.v1.ListReleasesResponse\"9\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02*\x12(/v1/{parent=games/*/channels/*}/releasesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -90,93 +91,93 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTRELEASESREQUEST'].fields_by_name['parent']._loaded_options = None
   _globals['_LISTRELEASESREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\033\n\031gamed.far.network/Channel'
   _globals['_GAMEDSERVICE'].methods_by_name['CreateGame']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['CreateGame']._serialized_options = b'\202\323\344\223\002\021\"\t/v1/games:\004game'
+  _globals['_GAMEDSERVICE'].methods_by_name['CreateGame']._serialized_options = b'\242\273\030\r\010\003\022\tpublisher\202\323\344\223\002\021\"\t/v1/games:\004game'
   _globals['_GAMEDSERVICE'].methods_by_name['GetGame']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['GetGame']._serialized_options = b'\220\002\001\202\323\344\223\002\024\022\022/v1/{name=games/*}'
+  _globals['_GAMEDSERVICE'].methods_by_name['GetGame']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\024\022\022/v1/{name=games/*}'
   _globals['_GAMEDSERVICE'].methods_by_name['ListGames']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['ListGames']._serialized_options = b'\220\002\001\202\323\344\223\002\013\022\t/v1/games'
+  _globals['_GAMEDSERVICE'].methods_by_name['ListGames']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\013\022\t/v1/games'
   _globals['_GAMEDSERVICE'].methods_by_name['UpdateGame']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['UpdateGame']._serialized_options = b'\202\323\344\223\002\0342\027/v1/{game.name=games/*}:\001*'
+  _globals['_GAMEDSERVICE'].methods_by_name['UpdateGame']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\0342\027/v1/{game.name=games/*}:\001*'
   _globals['_GAMEDSERVICE'].methods_by_name['DeleteGame']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['DeleteGame']._serialized_options = b'\202\323\344\223\002\024*\022/v1/{name=games/*}'
+  _globals['_GAMEDSERVICE'].methods_by_name['DeleteGame']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\024*\022/v1/{name=games/*}'
   _globals['_GAMEDSERVICE'].methods_by_name['CreateBuild']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['CreateBuild']._serialized_options = b'\202\323\344\223\002$\"\033/v1/{parent=games/*}/builds:\005build'
+  _globals['_GAMEDSERVICE'].methods_by_name['CreateBuild']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002$\"\033/v1/{parent=games/*}/builds:\005build'
   _globals['_GAMEDSERVICE'].methods_by_name['GetBuild']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['GetBuild']._serialized_options = b'\220\002\001\202\323\344\223\002\035\022\033/v1/{name=games/*/builds/*}'
+  _globals['_GAMEDSERVICE'].methods_by_name['GetBuild']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\035\022\033/v1/{name=games/*/builds/*}'
   _globals['_GAMEDSERVICE'].methods_by_name['ListBuilds']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['ListBuilds']._serialized_options = b'\220\002\001\202\323\344\223\002\035\022\033/v1/{parent=games/*}/builds'
+  _globals['_GAMEDSERVICE'].methods_by_name['ListBuilds']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\035\022\033/v1/{parent=games/*}/builds'
   _globals['_GAMEDSERVICE'].methods_by_name['DeleteBuild']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['DeleteBuild']._serialized_options = b'\202\323\344\223\002\035*\033/v1/{name=games/*/builds/*}'
+  _globals['_GAMEDSERVICE'].methods_by_name['DeleteBuild']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\035*\033/v1/{name=games/*/builds/*}'
   _globals['_GAMEDSERVICE'].methods_by_name['GenerateUploadLinks']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['GenerateUploadLinks']._serialized_options = b'\202\323\344\223\0024\"//v1/{name=games/*/builds/*}:generateUploadLinks:\001*'
+  _globals['_GAMEDSERVICE'].methods_by_name['GenerateUploadLinks']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\0024\"//v1/{name=games/*/builds/*}:generateUploadLinks:\001*'
   _globals['_GAMEDSERVICE'].methods_by_name['GenerateDownloadLinks']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['GenerateDownloadLinks']._serialized_options = b'\220\002\001\202\323\344\223\002^\022*/v1/{build=games/*/builds/*}:downloadLinksZ0\022./v1/{channel=games/*/channels/*}:downloadLinks'
+  _globals['_GAMEDSERVICE'].methods_by_name['GenerateDownloadLinks']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002^\022*/v1/{build=games/*/builds/*}:downloadLinksZ0\022./v1/{channel=games/*/channels/*}:downloadLinks'
   _globals['_GAMEDSERVICE'].methods_by_name['CreateChannel']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['CreateChannel']._serialized_options = b'\202\323\344\223\002(\"\035/v1/{parent=games/*}/channels:\007channel'
+  _globals['_GAMEDSERVICE'].methods_by_name['CreateChannel']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002(\"\035/v1/{parent=games/*}/channels:\007channel'
   _globals['_GAMEDSERVICE'].methods_by_name['GetChannel']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['GetChannel']._serialized_options = b'\220\002\001\202\323\344\223\002\037\022\035/v1/{name=games/*/channels/*}'
+  _globals['_GAMEDSERVICE'].methods_by_name['GetChannel']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\037\022\035/v1/{name=games/*/channels/*}'
   _globals['_GAMEDSERVICE'].methods_by_name['ListChannels']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['ListChannels']._serialized_options = b'\220\002\001\202\323\344\223\002\037\022\035/v1/{parent=games/*}/channels'
+  _globals['_GAMEDSERVICE'].methods_by_name['ListChannels']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\037\022\035/v1/{parent=games/*}/channels'
   _globals['_GAMEDSERVICE'].methods_by_name['DeleteChannel']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['DeleteChannel']._serialized_options = b'\202\323\344\223\002\037*\035/v1/{name=games/*/channels/*}'
+  _globals['_GAMEDSERVICE'].methods_by_name['DeleteChannel']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\037*\035/v1/{name=games/*/channels/*}'
   _globals['_GAMEDSERVICE'].methods_by_name['PromoteBuild']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['PromoteBuild']._serialized_options = b'\202\323\344\223\002*\"%/v1/{name=games/*/channels/*}:promote:\001*'
+  _globals['_GAMEDSERVICE'].methods_by_name['PromoteBuild']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002*\"%/v1/{name=games/*/channels/*}:promote:\001*'
   _globals['_GAMEDSERVICE'].methods_by_name['RollbackChannel']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['RollbackChannel']._serialized_options = b'\202\323\344\223\002+\"&/v1/{name=games/*/channels/*}:rollback:\001*'
+  _globals['_GAMEDSERVICE'].methods_by_name['RollbackChannel']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002+\"&/v1/{name=games/*/channels/*}:rollback:\001*'
   _globals['_GAMEDSERVICE'].methods_by_name['ListReleases']._loaded_options = None
-  _globals['_GAMEDSERVICE'].methods_by_name['ListReleases']._serialized_options = b'\220\002\001\202\323\344\223\002*\022(/v1/{parent=games/*/channels/*}/releases'
-  _globals['_CREATEGAMEREQUEST']._serialized_start=347
-  _globals['_CREATEGAMEREQUEST']._serialized_end=429
-  _globals['_GETGAMEREQUEST']._serialized_start=431
-  _globals['_GETGAMEREQUEST']._serialized_end=494
-  _globals['_LISTGAMESREQUEST']._serialized_start=497
-  _globals['_LISTGAMESREQUEST']._serialized_end=704
-  _globals['_LISTGAMESRESPONSE']._serialized_start=706
-  _globals['_LISTGAMESRESPONSE']._serialized_end=785
-  _globals['_UPDATEGAMEREQUEST']._serialized_start=787
-  _globals['_UPDATEGAMEREQUEST']._serialized_end=895
-  _globals['_DELETEGAMEREQUEST']._serialized_start=897
-  _globals['_DELETEGAMEREQUEST']._serialized_end=977
-  _globals['_CREATEBUILDREQUEST']._serialized_start=980
-  _globals['_CREATEBUILDREQUEST']._serialized_end=1109
-  _globals['_GETBUILDREQUEST']._serialized_start=1111
-  _globals['_GETBUILDREQUEST']._serialized_end=1176
-  _globals['_LISTBUILDSREQUEST']._serialized_start=1179
-  _globals['_LISTBUILDSREQUEST']._serialized_end=1328
-  _globals['_LISTBUILDSRESPONSE']._serialized_start=1330
-  _globals['_LISTBUILDSRESPONSE']._serialized_end=1412
-  _globals['_DELETEBUILDREQUEST']._serialized_start=1414
-  _globals['_DELETEBUILDREQUEST']._serialized_end=1482
-  _globals['_GENERATEUPLOADLINKSREQUEST']._serialized_start=1484
-  _globals['_GENERATEUPLOADLINKSREQUEST']._serialized_end=1600
-  _globals['_GENERATEUPLOADLINKSRESPONSE']._serialized_start=1602
-  _globals['_GENERATEUPLOADLINKSRESPONSE']._serialized_end=1720
-  _globals['_GENERATEDOWNLOADLINKSREQUEST']._serialized_start=1723
-  _globals['_GENERATEDOWNLOADLINKSREQUEST']._serialized_end=1943
-  _globals['_GENERATEDOWNLOADLINKSRESPONSE']._serialized_start=1946
-  _globals['_GENERATEDOWNLOADLINKSRESPONSE']._serialized_end=2140
-  _globals['_ASSETLINK']._serialized_start=2143
-  _globals['_ASSETLINK']._serialized_end=2320
-  _globals['_ASSETLINK_HEADERSENTRY']._serialized_start=2274
-  _globals['_ASSETLINK_HEADERSENTRY']._serialized_end=2320
-  _globals['_CREATECHANNELREQUEST']._serialized_start=2323
-  _globals['_CREATECHANNELREQUEST']._serialized_end=2460
-  _globals['_GETCHANNELREQUEST']._serialized_start=2462
-  _globals['_GETCHANNELREQUEST']._serialized_end=2531
-  _globals['_LISTCHANNELSREQUEST']._serialized_start=2533
-  _globals['_LISTCHANNELSREQUEST']._serialized_end=2642
-  _globals['_LISTCHANNELSRESPONSE']._serialized_start=2644
-  _globals['_LISTCHANNELSRESPONSE']._serialized_end=2732
-  _globals['_DELETECHANNELREQUEST']._serialized_start=2734
-  _globals['_DELETECHANNELREQUEST']._serialized_end=2806
-  _globals['_PROMOTEBUILDREQUEST']._serialized_start=2808
-  _globals['_PROMOTEBUILDREQUEST']._serialized_end=2928
-  _globals['_ROLLBACKCHANNELREQUEST']._serialized_start=2930
-  _globals['_ROLLBACKCHANNELREQUEST']._serialized_end=3052
-  _globals['_LISTRELEASESREQUEST']._serialized_start=3055
-  _globals['_LISTRELEASESREQUEST']._serialized_end=3209
-  _globals['_LISTRELEASESRESPONSE']._serialized_start=3211
-  _globals['_LISTRELEASESRESPONSE']._serialized_end=3299
-  _globals['_GAMEDSERVICE']._serialized_start=3302
-  _globals['_GAMEDSERVICE']._serialized_end=5518
+  _globals['_GAMEDSERVICE'].methods_by_name['ListReleases']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002*\022(/v1/{parent=games/*/channels/*}/releases'
+  _globals['_CREATEGAMEREQUEST']._serialized_start=372
+  _globals['_CREATEGAMEREQUEST']._serialized_end=454
+  _globals['_GETGAMEREQUEST']._serialized_start=456
+  _globals['_GETGAMEREQUEST']._serialized_end=519
+  _globals['_LISTGAMESREQUEST']._serialized_start=522
+  _globals['_LISTGAMESREQUEST']._serialized_end=729
+  _globals['_LISTGAMESRESPONSE']._serialized_start=731
+  _globals['_LISTGAMESRESPONSE']._serialized_end=810
+  _globals['_UPDATEGAMEREQUEST']._serialized_start=812
+  _globals['_UPDATEGAMEREQUEST']._serialized_end=920
+  _globals['_DELETEGAMEREQUEST']._serialized_start=922
+  _globals['_DELETEGAMEREQUEST']._serialized_end=1002
+  _globals['_CREATEBUILDREQUEST']._serialized_start=1005
+  _globals['_CREATEBUILDREQUEST']._serialized_end=1134
+  _globals['_GETBUILDREQUEST']._serialized_start=1136
+  _globals['_GETBUILDREQUEST']._serialized_end=1201
+  _globals['_LISTBUILDSREQUEST']._serialized_start=1204
+  _globals['_LISTBUILDSREQUEST']._serialized_end=1353
+  _globals['_LISTBUILDSRESPONSE']._serialized_start=1355
+  _globals['_LISTBUILDSRESPONSE']._serialized_end=1437
+  _globals['_DELETEBUILDREQUEST']._serialized_start=1439
+  _globals['_DELETEBUILDREQUEST']._serialized_end=1507
+  _globals['_GENERATEUPLOADLINKSREQUEST']._serialized_start=1509
+  _globals['_GENERATEUPLOADLINKSREQUEST']._serialized_end=1625
+  _globals['_GENERATEUPLOADLINKSRESPONSE']._serialized_start=1627
+  _globals['_GENERATEUPLOADLINKSRESPONSE']._serialized_end=1745
+  _globals['_GENERATEDOWNLOADLINKSREQUEST']._serialized_start=1748
+  _globals['_GENERATEDOWNLOADLINKSREQUEST']._serialized_end=1968
+  _globals['_GENERATEDOWNLOADLINKSRESPONSE']._serialized_start=1971
+  _globals['_GENERATEDOWNLOADLINKSRESPONSE']._serialized_end=2165
+  _globals['_ASSETLINK']._serialized_start=2168
+  _globals['_ASSETLINK']._serialized_end=2345
+  _globals['_ASSETLINK_HEADERSENTRY']._serialized_start=2299
+  _globals['_ASSETLINK_HEADERSENTRY']._serialized_end=2345
+  _globals['_CREATECHANNELREQUEST']._serialized_start=2348
+  _globals['_CREATECHANNELREQUEST']._serialized_end=2485
+  _globals['_GETCHANNELREQUEST']._serialized_start=2487
+  _globals['_GETCHANNELREQUEST']._serialized_end=2556
+  _globals['_LISTCHANNELSREQUEST']._serialized_start=2558
+  _globals['_LISTCHANNELSREQUEST']._serialized_end=2667
+  _globals['_LISTCHANNELSRESPONSE']._serialized_start=2669
+  _globals['_LISTCHANNELSRESPONSE']._serialized_end=2757
+  _globals['_DELETECHANNELREQUEST']._serialized_start=2759
+  _globals['_DELETECHANNELREQUEST']._serialized_end=2831
+  _globals['_PROMOTEBUILDREQUEST']._serialized_start=2833
+  _globals['_PROMOTEBUILDREQUEST']._serialized_end=2953
+  _globals['_ROLLBACKCHANNELREQUEST']._serialized_start=2955
+  _globals['_ROLLBACKCHANNELREQUEST']._serialized_end=3077
+  _globals['_LISTRELEASESREQUEST']._serialized_start=3080
+  _globals['_LISTRELEASESREQUEST']._serialized_end=3234
+  _globals['_LISTRELEASESRESPONSE']._serialized_start=3236
+  _globals['_LISTRELEASESRESPONSE']._serialized_end=3324
+  _globals['_GAMEDSERVICE']._serialized_start=3327
+  _globals['_GAMEDSERVICE']._serialized_end=5665
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from far.api.v1 import access_pb2 as far_dot_api_dot_v1_dot_access__pb2
 from far.type.v1 import chain_transaction_pb2 as far_dot_type_dot_v1_dot_chain__transaction__pb2
 from far.gaming.v1 import leaderboard_pb2 as far_dot_gaming_dot_v1_dot_leaderboard__pb2
 from far.gaming.v1 import loyalty_pb2 as far_dot_gaming_dot_v1_dot_loyalty__pb2
@@ -35,7 +36,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"far/gaming/v1/gaming_service.proto\x12\rfar.gaming.v1\x1a#far/type/v1/chain_transaction.proto\x1a\x1f\x66\x61r/gaming/v1/leaderboard.proto\x1a\x1b\x66\x61r/gaming/v1/loyalty.proto\x1a\x1a\x66\x61r/gaming/v1/reward.proto\x1a\x1e\x66\x61r/gaming/v1/tournament.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"k\n\x17\x43reateTournamentRequest\x12\x1b\n\rtournament_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x33\n\ntournament\x18\x02 \x01(\x0b\x32\x19.far.gaming.v1.TournamentB\x04\xe2\x41\x01\x02\"L\n\x14GetTournamentRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\"\xd5\x01\n\x16ListTournamentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x04game\x18\x03 \x01(\tB\x1b\xfa\x41\x18\n\x16gamed.far.network/Game\x12/\n\x06states\x18\x04 \x03(\x0e\x32\x1f.far.gaming.v1.Tournament.State\x12\x11\n\torganizer\x18\x05 \x01(\t\x12\x13\n\x0bparticipant\x18\x06 \x01(\t\x12\x10\n\x08order_by\x18\x07 \x01(\t\"b\n\x17ListTournamentsResponse\x12.\n\x0btournaments\x18\x01 \x03(\x0b\x32\x19.far.gaming.v1.Tournament\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x7f\n\x17UpdateTournamentRequest\x12\x33\n\ntournament\x18\x01 \x01(\x0b\x32\x19.far.gaming.v1.TournamentB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x8d\x01\n\x17\x43\x61ncelTournamentRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06reason\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"X\n\x1aGetTournamentPeriodRequest\x12:\n\x04name\x18\x01 \x01(\tB,\xe2\x41\x01\x02\xfa\x41%\n#gaming.far.network/TournamentPeriod\"}\n\x1cListTournamentPeriodsRequest\x12\x36\n\x06parent\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"u\n\x1dListTournamentPeriodsResponse\x12;\n\x12tournament_periods\x18\x01 \x03(\x0b\x32\x1f.far.gaming.v1.TournamentPeriod\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x97\x01\n\x15JoinTournamentRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12.\n\x07payment\x18\x03 \x01(\x0b\x32\x1d.far.type.v1.ChainTransaction\"\x93\x01\n\x12ListEntriesRequest\x12\x36\n\x06parent\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06period\x18\x04 \x01(\x05\x12\x0e\n\x06wallet\x18\x05 \x01(\t\"U\n\x13ListEntriesResponse\x12%\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x14.far.gaming.v1.Entry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8c\x02\n\x12SubmitScoreRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06wallet\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05score\x18\x04 \x01(\x03\x12\x10\n\x08subscore\x18\x05 \x01(\x03\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08match_id\x18\x07 \x01(\t\x12\x32\n\x0ematch_end_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9d\x02\n\x13SubmitScoreResponse\x12\x30\n\x06record\x18\x01 \x01(\x0b\x32 .far.gaming.v1.LeaderboardRecord\x12;\n\x07outcome\x18\x02 \x01(\x0e\x32*.far.gaming.v1.SubmitScoreResponse.Outcome\"\x96\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16OUTCOME_RECORD_CREATED\x10\x01\x12\x19\n\x15OUTCOME_SCORE_UPDATED\x10\x02\x12\x1e\n\x1aOUTCOME_SCORE_NOT_IMPROVED\x10\x03\x12\x1b\n\x17OUTCOME_DUPLICATE_MATCH\x10\x04\"\x84\x01\n\x1dListLeaderboardRecordsRequest\x12<\n\x06parent\x18\x01 \x01(\tB,\xe2\x41\x01\x02\xfa\x41%\n#gaming.far.network/TournamentPeriod\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"l\n\x1eListLeaderboardRecordsResponse\x12\x31\n\x07records\x18\x01 \x03(\x0b\x32 .far.gaming.v1.LeaderboardRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x81\x01\n\x1dListRecordsAroundOwnerRequest\x12<\n\x06parent\x18\x01 \x01(\tB,\xe2\x41\x01\x02\xfa\x41%\n#gaming.far.network/TournamentPeriod\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x13\n\x0bmax_records\x18\x03 \x01(\x05\"\x8b\x01\n\x1eListRecordsAroundOwnerResponse\x12\x31\n\x07records\x18\x01 \x03(\x0b\x32 .far.gaming.v1.LeaderboardRecord\x12\x36\n\x0cowner_record\x18\x02 \x01(\x0b\x32 .far.gaming.v1.LeaderboardRecord\"k\n\x19\x46inalizeTournamentRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\xad\x01\n\x1a\x46inalizeTournamentResponse\x12-\n\ntournament\x18\x01 \x01(\x0b\x32\x19.far.gaming.v1.Tournament\x12\x38\n\x0fsettled_periods\x18\x02 \x03(\x0b\x32\x1f.far.gaming.v1.TournamentPeriod\x12&\n\x07payouts\x18\x03 \x03(\x0b\x32\x15.far.gaming.v1.Payout\"\xbf\x01\n\x12ListPayoutsRequest\x12\x36\n\x06parent\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06period\x18\x04 \x01(\x05\x12\x0e\n\x06wallet\x18\x05 \x01(\t\x12*\n\x05state\x18\x06 \x01(\x0e\x32\x1b.far.gaming.v1.Payout.State\"V\n\x13ListPayoutsResponse\x12&\n\x07payouts\x18\x01 \x03(\x0b\x32\x15.far.gaming.v1.Payout\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"T\n\x18GetLoyaltyAccountRequest\x12\x38\n\x04name\x18\x01 \x01(\tB*\xe2\x41\x01\x02\xfa\x41#\n!gaming.far.network/LoyaltyAccount\"\x8e\x02\n\x18ListLedgerEntriesRequest\x12:\n\x06parent\x18\x01 \x01(\tB*\xe2\x41\x01\x02\xfa\x41#\n!gaming.far.network/LoyaltyAccount\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x31\n\x06reason\x18\x04 \x01(\x0e\x32!.far.gaming.v1.LedgerEntry.Reason\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"h\n\x19ListLedgerEntriesResponse\x12\x32\n\x0eledger_entries\x18\x01 \x03(\x0b\x32\x1a.far.gaming.v1.LedgerEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xac\x01\n\x13\x41\x64justPointsRequest\x12\x38\n\x04name\x18\x01 \x01(\tB*\xe2\x41\x01\x02\xfa\x41#\n!gaming.far.network/LoyaltyAccount\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x64\x65lta\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x64\x65scription\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\treference\x18\x05 \x01(\t\"[\n\x13\x43reateRewardRequest\x12\x17\n\treward_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12+\n\x06reward\x18\x02 \x01(\x0b\x32\x15.far.gaming.v1.RewardB\x04\xe2\x41\x01\x02\"D\n\x10GetRewardRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19gaming.far.network/Reward\"\xfc\x01\n\x12ListRewardsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12(\n\x04kind\x18\x03 \x01(\x0e\x32\x1a.far.gaming.v1.Reward.Kind\x12(\n\x04tier\x18\x04 \x01(\x0e\x32\x1a.far.gaming.v1.LoyaltyTier\x12\x17\n\x0fmax_cost_points\x18\x05 \x01(\x03\x12)\n\x04game\x18\x06 \x01(\tB\x1b\xfa\x41\x18\n\x16gamed.far.network/Game\x12\x15\n\rshow_inactive\x18\x07 \x01(\x08\x12\x10\n\x08order_by\x18\x08 \x01(\t\"V\n\x13ListRewardsResponse\x12&\n\x07rewards\x18\x01 \x03(\x0b\x32\x15.far.gaming.v1.Reward\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"s\n\x13UpdateRewardRequest\x12+\n\x06reward\x18\x01 \x01(\x0b\x32\x15.far.gaming.v1.RewardB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x7f\n\x13RedeemRewardRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19gaming.far.network/Reward\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x14\x65xpected_cost_points\x18\x03 \x01(\x03\"L\n\x14GetRedemptionRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Redemption\"\xdb\x01\n\x16ListRedemptionsRequest\x12:\n\x06parent\x18\x01 \x01(\tB*\xe2\x41\x01\x02\xfa\x41#\n!gaming.far.network/LoyaltyAccount\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12.\n\x05state\x18\x04 \x01(\x0e\x32\x1f.far.gaming.v1.Redemption.State\x12.\n\x06reward\x18\x05 \x01(\tB\x1e\xfa\x41\x1b\n\x19gaming.far.network/Reward\"b\n\x17ListRedemptionsResponse\x12.\n\x0bredemptions\x18\x01 \x03(\x0b\x32\x19.far.gaming.v1.Redemption\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"f\n\x18\x46ulfillRedemptionRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Redemption\x12\x14\n\x0cvoucher_code\x18\x02 \x01(\t\"e\n\x17\x43\x61ncelRedemptionRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Redemption\x12\x14\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x32\xfe\x1b\n\rGamingService\x12z\n\x10\x43reateTournament\x12&.far.gaming.v1.CreateTournamentRequest\x1a\x19.far.gaming.v1.Tournament\"#\x82\xd3\xe4\x93\x02\x1d\"\x0f/v1/tournaments:\ntournament\x12t\n\rGetTournament\x12#.far.gaming.v1.GetTournamentRequest\x1a\x19.far.gaming.v1.Tournament\"#\x90\x02\x01\x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/{name=tournaments/*}\x12|\n\x0fListTournaments\x12%.far.gaming.v1.ListTournamentsRequest\x1a&.far.gaming.v1.ListTournamentsResponse\"\x1a\x90\x02\x01\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/tournaments\x12\x85\x01\n\x10UpdateTournament\x12&.far.gaming.v1.UpdateTournamentRequest\x1a\x19.far.gaming.v1.Tournament\".\x82\xd3\xe4\x93\x02(2#/v1/{tournament.name=tournaments/*}:\x01*\x12\x81\x01\n\x10\x43\x61ncelTournament\x12&.far.gaming.v1.CancelTournamentRequest\x1a\x19.far.gaming.v1.Tournament\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/{name=tournaments/*}:cancel:\x01*\x12\x90\x01\n\x13GetTournamentPeriod\x12).far.gaming.v1.GetTournamentPeriodRequest\x1a\x1f.far.gaming.v1.TournamentPeriod\"-\x90\x02\x01\x82\xd3\xe4\x93\x02$\x12\"/v1/{name=tournaments/*/periods/*}\x12\xa1\x01\n\x15ListTournamentPeriods\x12+.far.gaming.v1.ListTournamentPeriodsRequest\x1a,.far.gaming.v1.ListTournamentPeriodsResponse\"-\x90\x02\x01\x82\xd3\xe4\x93\x02$\x12\"/v1/{parent=tournaments/*}/periods\x12v\n\x0eJoinTournament\x12$.far.gaming.v1.JoinTournamentRequest\x1a\x14.far.gaming.v1.Entry\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{name=tournaments/*}:join:\x01*\x12\x83\x01\n\x0bListEntries\x12!.far.gaming.v1.ListEntriesRequest\x1a\".far.gaming.v1.ListEntriesResponse\"-\x90\x02\x01\x82\xd3\xe4\x93\x02$\x12\"/v1/{parent=tournaments/*}/entries\x12\x85\x01\n\x0bSubmitScore\x12!.far.gaming.v1.SubmitScoreRequest\x1a\".far.gaming.v1.SubmitScoreResponse\"/\x82\xd3\xe4\x93\x02)\"$/v1/{name=tournaments/*}:submitScore:\x01*\x12\xae\x01\n\x16ListLeaderboardRecords\x12,.far.gaming.v1.ListLeaderboardRecordsRequest\x1a-.far.gaming.v1.ListLeaderboardRecordsResponse\"7\x90\x02\x01\x82\xd3\xe4\x93\x02.\x12,/v1/{parent=tournaments/*/periods/*}/records\x12\xba\x01\n\x16ListRecordsAroundOwner\x12,.far.gaming.v1.ListRecordsAroundOwnerRequest\x1a-.far.gaming.v1.ListRecordsAroundOwnerResponse\"C\x90\x02\x01\x82\xd3\xe4\x93\x02:\x12\x38/v1/{parent=tournaments/*/periods/*}/records:aroundOwner\x12\x97\x01\n\x12\x46inalizeTournament\x12(.far.gaming.v1.FinalizeTournamentRequest\x1a).far.gaming.v1.FinalizeTournamentResponse\",\x82\xd3\xe4\x93\x02&\"!/v1/{name=tournaments/*}:finalize:\x01*\x12\x83\x01\n\x0bListPayouts\x12!.far.gaming.v1.ListPayoutsRequest\x1a\".far.gaming.v1.ListPayoutsResponse\"-\x90\x02\x01\x82\xd3\xe4\x93\x02$\x12\"/v1/{parent=tournaments/*}/payouts\x12\x84\x01\n\x11GetLoyaltyAccount\x12\'.far.gaming.v1.GetLoyaltyAccountRequest\x1a\x1d.far.gaming.v1.LoyaltyAccount\"\'\x90\x02\x01\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{name=loyaltyAccounts/*}\x12\x9f\x01\n\x11ListLedgerEntries\x12\'.far.gaming.v1.ListLedgerEntriesRequest\x1a(.far.gaming.v1.ListLedgerEntriesResponse\"7\x90\x02\x01\x82\xd3\xe4\x93\x02.\x12,/v1/{parent=loyaltyAccounts/*}/ledgerEntries\x12\x84\x01\n\x0c\x41\x64justPoints\x12\".far.gaming.v1.AdjustPointsRequest\x1a\x1a.far.gaming.v1.LedgerEntry\"4\x82\xd3\xe4\x93\x02.\")/v1/{name=loyaltyAccounts/*}:adjustPoints:\x01*\x12\x66\n\x0c\x43reateReward\x12\".far.gaming.v1.CreateRewardRequest\x1a\x15.far.gaming.v1.Reward\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x0b/v1/rewards:\x06reward\x12\x64\n\tGetReward\x12\x1f.far.gaming.v1.GetRewardRequest\x1a\x15.far.gaming.v1.Reward\"\x1f\x90\x02\x01\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/{name=rewards/*}\x12l\n\x0bListRewards\x12!.far.gaming.v1.ListRewardsRequest\x1a\".far.gaming.v1.ListRewardsResponse\"\x16\x90\x02\x01\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/rewards\x12q\n\x0cUpdateReward\x12\".far.gaming.v1.UpdateRewardRequest\x1a\x15.far.gaming.v1.Reward\"&\x82\xd3\xe4\x93\x02 2\x1b/v1/{reward.name=rewards/*}:\x01*\x12u\n\x0cRedeemReward\x12\".far.gaming.v1.RedeemRewardRequest\x1a\x19.far.gaming.v1.Redemption\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/{name=rewards/*}:redeem:\x01*\x12\x86\x01\n\rGetRedemption\x12#.far.gaming.v1.GetRedemptionRequest\x1a\x19.far.gaming.v1.Redemption\"5\x90\x02\x01\x82\xd3\xe4\x93\x02,\x12*/v1/{name=loyaltyAccounts/*/redemptions/*}\x12\x97\x01\n\x0fListRedemptions\x12%.far.gaming.v1.ListRedemptionsRequest\x1a&.far.gaming.v1.ListRedemptionsResponse\"5\x90\x02\x01\x82\xd3\xe4\x93\x02,\x12*/v1/{parent=loyaltyAccounts/*}/redemptions\x12\x96\x01\n\x11\x46ulfillRedemption\x12\'.far.gaming.v1.FulfillRedemptionRequest\x1a\x19.far.gaming.v1.Redemption\"=\x82\xd3\xe4\x93\x02\x37\"2/v1/{name=loyaltyAccounts/*/redemptions/*}:fulfill:\x01*\x12\x93\x01\n\x10\x43\x61ncelRedemption\x12&.far.gaming.v1.CancelRedemptionRequest\x1a\x19.far.gaming.v1.Redemption\"<\x82\xd3\xe4\x93\x02\x36\"1/v1/{name=loyaltyAccounts/*/redemptions/*}:cancel:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"far/gaming/v1/gaming_service.proto\x12\rfar.gaming.v1\x1a\x17\x66\x61r/api/v1/access.proto\x1a#far/type/v1/chain_transaction.proto\x1a\x1f\x66\x61r/gaming/v1/leaderboard.proto\x1a\x1b\x66\x61r/gaming/v1/loyalty.proto\x1a\x1a\x66\x61r/gaming/v1/reward.proto\x1a\x1e\x66\x61r/gaming/v1/tournament.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"k\n\x17\x43reateTournamentRequest\x12\x1b\n\rtournament_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x33\n\ntournament\x18\x02 \x01(\x0b\x32\x19.far.gaming.v1.TournamentB\x04\xe2\x41\x01\x02\"L\n\x14GetTournamentRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\"\xd5\x01\n\x16ListTournamentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x04game\x18\x03 \x01(\tB\x1b\xfa\x41\x18\n\x16gamed.far.network/Game\x12/\n\x06states\x18\x04 \x03(\x0e\x32\x1f.far.gaming.v1.Tournament.State\x12\x11\n\torganizer\x18\x05 \x01(\t\x12\x13\n\x0bparticipant\x18\x06 \x01(\t\x12\x10\n\x08order_by\x18\x07 \x01(\t\"b\n\x17ListTournamentsResponse\x12.\n\x0btournaments\x18\x01 \x03(\x0b\x32\x19.far.gaming.v1.Tournament\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x7f\n\x17UpdateTournamentRequest\x12\x33\n\ntournament\x18\x01 \x01(\x0b\x32\x19.far.gaming.v1.TournamentB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x8d\x01\n\x17\x43\x61ncelTournamentRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06reason\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\"X\n\x1aGetTournamentPeriodRequest\x12:\n\x04name\x18\x01 \x01(\tB,\xe2\x41\x01\x02\xfa\x41%\n#gaming.far.network/TournamentPeriod\"}\n\x1cListTournamentPeriodsRequest\x12\x36\n\x06parent\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"u\n\x1dListTournamentPeriodsResponse\x12;\n\x12tournament_periods\x18\x01 \x03(\x0b\x32\x1f.far.gaming.v1.TournamentPeriod\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x97\x01\n\x15JoinTournamentRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12.\n\x07payment\x18\x03 \x01(\x0b\x32\x1d.far.type.v1.ChainTransaction\"\x93\x01\n\x12ListEntriesRequest\x12\x36\n\x06parent\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06period\x18\x04 \x01(\x05\x12\x0e\n\x06wallet\x18\x05 \x01(\t\"U\n\x13ListEntriesResponse\x12%\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x14.far.gaming.v1.Entry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8c\x02\n\x12SubmitScoreRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06wallet\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05score\x18\x04 \x01(\x03\x12\x10\n\x08subscore\x18\x05 \x01(\x03\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08match_id\x18\x07 \x01(\t\x12\x32\n\x0ematch_end_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9d\x02\n\x13SubmitScoreResponse\x12\x30\n\x06record\x18\x01 \x01(\x0b\x32 .far.gaming.v1.LeaderboardRecord\x12;\n\x07outcome\x18\x02 \x01(\x0e\x32*.far.gaming.v1.SubmitScoreResponse.Outcome\"\x96\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16OUTCOME_RECORD_CREATED\x10\x01\x12\x19\n\x15OUTCOME_SCORE_UPDATED\x10\x02\x12\x1e\n\x1aOUTCOME_SCORE_NOT_IMPROVED\x10\x03\x12\x1b\n\x17OUTCOME_DUPLICATE_MATCH\x10\x04\"\x84\x01\n\x1dListLeaderboardRecordsRequest\x12<\n\x06parent\x18\x01 \x01(\tB,\xe2\x41\x01\x02\xfa\x41%\n#gaming.far.network/TournamentPeriod\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"l\n\x1eListLeaderboardRecordsResponse\x12\x31\n\x07records\x18\x01 \x03(\x0b\x32 .far.gaming.v1.LeaderboardRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x81\x01\n\x1dListRecordsAroundOwnerRequest\x12<\n\x06parent\x18\x01 \x01(\tB,\xe2\x41\x01\x02\xfa\x41%\n#gaming.far.network/TournamentPeriod\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x13\n\x0bmax_records\x18\x03 \x01(\x05\"\x8b\x01\n\x1eListRecordsAroundOwnerResponse\x12\x31\n\x07records\x18\x01 \x03(\x0b\x32 .far.gaming.v1.LeaderboardRecord\x12\x36\n\x0cowner_record\x18\x02 \x01(\x0b\x32 .far.gaming.v1.LeaderboardRecord\"k\n\x19\x46inalizeTournamentRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"\xad\x01\n\x1a\x46inalizeTournamentResponse\x12-\n\ntournament\x18\x01 \x01(\x0b\x32\x19.far.gaming.v1.Tournament\x12\x38\n\x0fsettled_periods\x18\x02 \x03(\x0b\x32\x1f.far.gaming.v1.TournamentPeriod\x12&\n\x07payouts\x18\x03 \x03(\x0b\x32\x15.far.gaming.v1.Payout\"\xbf\x01\n\x12ListPayoutsRequest\x12\x36\n\x06parent\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Tournament\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06period\x18\x04 \x01(\x05\x12\x0e\n\x06wallet\x18\x05 \x01(\t\x12*\n\x05state\x18\x06 \x01(\x0e\x32\x1b.far.gaming.v1.Payout.State\"V\n\x13ListPayoutsResponse\x12&\n\x07payouts\x18\x01 \x03(\x0b\x32\x15.far.gaming.v1.Payout\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"T\n\x18GetLoyaltyAccountRequest\x12\x38\n\x04name\x18\x01 \x01(\tB*\xe2\x41\x01\x02\xfa\x41#\n!gaming.far.network/LoyaltyAccount\"\x8e\x02\n\x18ListLedgerEntriesRequest\x12:\n\x06parent\x18\x01 \x01(\tB*\xe2\x41\x01\x02\xfa\x41#\n!gaming.far.network/LoyaltyAccount\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x31\n\x06reason\x18\x04 \x01(\x0e\x32!.far.gaming.v1.LedgerEntry.Reason\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"h\n\x19ListLedgerEntriesResponse\x12\x32\n\x0eledger_entries\x18\x01 \x03(\x0b\x32\x1a.far.gaming.v1.LedgerEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xac\x01\n\x13\x41\x64justPointsRequest\x12\x38\n\x04name\x18\x01 \x01(\tB*\xe2\x41\x01\x02\xfa\x41#\n!gaming.far.network/LoyaltyAccount\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05\x64\x65lta\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x64\x65scription\x18\x04 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\treference\x18\x05 \x01(\t\"[\n\x13\x43reateRewardRequest\x12\x17\n\treward_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12+\n\x06reward\x18\x02 \x01(\x0b\x32\x15.far.gaming.v1.RewardB\x04\xe2\x41\x01\x02\"D\n\x10GetRewardRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19gaming.far.network/Reward\"\xfc\x01\n\x12ListRewardsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12(\n\x04kind\x18\x03 \x01(\x0e\x32\x1a.far.gaming.v1.Reward.Kind\x12(\n\x04tier\x18\x04 \x01(\x0e\x32\x1a.far.gaming.v1.LoyaltyTier\x12\x17\n\x0fmax_cost_points\x18\x05 \x01(\x03\x12)\n\x04game\x18\x06 \x01(\tB\x1b\xfa\x41\x18\n\x16gamed.far.network/Game\x12\x15\n\rshow_inactive\x18\x07 \x01(\x08\x12\x10\n\x08order_by\x18\x08 \x01(\t\"V\n\x13ListRewardsResponse\x12&\n\x07rewards\x18\x01 \x03(\x0b\x32\x15.far.gaming.v1.Reward\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"s\n\x13UpdateRewardRequest\x12+\n\x06reward\x18\x01 \x01(\x0b\x32\x15.far.gaming.v1.RewardB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x7f\n\x13RedeemRewardRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19gaming.far.network/Reward\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\x14\x65xpected_cost_points\x18\x03 \x01(\x03\"L\n\x14GetRedemptionRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Redemption\"\xdb\x01\n\x16ListRedemptionsRequest\x12:\n\x06parent\x18\x01 \x01(\tB*\xe2\x41\x01\x02\xfa\x41#\n!gaming.far.network/LoyaltyAccount\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12.\n\x05state\x18\x04 \x01(\x0e\x32\x1f.far.gaming.v1.Redemption.State\x12.\n\x06reward\x18\x05 \x01(\tB\x1e\xfa\x41\x1b\n\x19gaming.far.network/Reward\"b\n\x17ListRedemptionsResponse\x12.\n\x0bredemptions\x18\x01 \x03(\x0b\x32\x19.far.gaming.v1.Redemption\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"f\n\x18\x46ulfillRedemptionRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Redemption\x12\x14\n\x0cvoucher_code\x18\x02 \x01(\t\"e\n\x17\x43\x61ncelRedemptionRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dgaming.far.network/Redemption\x12\x14\n\x06reason\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x32\xde\x1d\n\rGamingService\x12\x8b\x01\n\x10\x43reateTournament\x12&.far.gaming.v1.CreateTournamentRequest\x1a\x19.far.gaming.v1.Tournament\"4\xa2\xbb\x18\r\x08\x03\x12\torganizer\x82\xd3\xe4\x93\x02\x1d\"\x0f/v1/tournaments:\ntournament\x12z\n\rGetTournament\x12#.far.gaming.v1.GetTournamentRequest\x1a\x19.far.gaming.v1.Tournament\")\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/{name=tournaments/*}\x12\x82\x01\n\x0fListTournaments\x12%.far.gaming.v1.ListTournamentsRequest\x1a&.far.gaming.v1.ListTournamentsResponse\" \x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/tournaments\x12\x8b\x01\n\x10UpdateTournament\x12&.far.gaming.v1.UpdateTournamentRequest\x1a\x19.far.gaming.v1.Tournament\"4\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02(2#/v1/{tournament.name=tournaments/*}:\x01*\x12\x87\x01\n\x10\x43\x61ncelTournament\x12&.far.gaming.v1.CancelTournamentRequest\x1a\x19.far.gaming.v1.Tournament\"0\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02$\"\x1f/v1/{name=tournaments/*}:cancel:\x01*\x12\x96\x01\n\x13GetTournamentPeriod\x12).far.gaming.v1.GetTournamentPeriodRequest\x1a\x1f.far.gaming.v1.TournamentPeriod\"3\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02$\x12\"/v1/{name=tournaments/*/periods/*}\x12\xa7\x01\n\x15ListTournamentPeriods\x12+.far.gaming.v1.ListTournamentPeriodsRequest\x1a,.far.gaming.v1.ListTournamentPeriodsResponse\"3\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02$\x12\"/v1/{parent=tournaments/*}/periods\x12|\n\x0eJoinTournament\x12$.far.gaming.v1.JoinTournamentRequest\x1a\x14.far.gaming.v1.Entry\".\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{name=tournaments/*}:join:\x01*\x12\x89\x01\n\x0bListEntries\x12!.far.gaming.v1.ListEntriesRequest\x1a\".far.gaming.v1.ListEntriesResponse\"3\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02$\x12\"/v1/{parent=tournaments/*}/entries\x12\x9f\x01\n\x0bSubmitScore\x12!.far.gaming.v1.SubmitScoreRequest\x1a\".far.gaming.v1.SubmitScoreResponse\"I\xa2\xbb\x18\x16\x08\x04\x12\x05\x61\x64min\x1a\x0bgame-server\x82\xd3\xe4\x93\x02)\"$/v1/{name=tournaments/*}:submitScore:\x01*\x12\xb4\x01\n\x16ListLeaderboardRecords\x12,.far.gaming.v1.ListLeaderboardRecordsRequest\x1a-.far.gaming.v1.ListLeaderboardRecordsResponse\"=\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02.\x12,/v1/{parent=tournaments/*/periods/*}/records\x12\xc0\x01\n\x16ListRecordsAroundOwner\x12,.far.gaming.v1.ListRecordsAroundOwnerRequest\x1a-.far.gaming.v1.ListRecordsAroundOwnerResponse\"I\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02:\x12\x38/v1/{parent=tournaments/*/periods/*}/records:aroundOwner\x12\x9d\x01\n\x12\x46inalizeTournament\x12(.far.gaming.v1.FinalizeTournamentRequest\x1a).far.gaming.v1.FinalizeTournamentResponse\"2\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02&\"!/v1/{name=tournaments/*}:finalize:\x01*\x12\x89\x01\n\x0bListPayouts\x12!.far.gaming.v1.ListPayoutsRequest\x1a\".far.gaming.v1.ListPayoutsResponse\"3\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02$\x12\"/v1/{parent=tournaments/*}/payouts\x12\x8a\x01\n\x11GetLoyaltyAccount\x12\'.far.gaming.v1.GetLoyaltyAccountRequest\x1a\x1d.far.gaming.v1.LoyaltyAccount\"-\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{name=loyaltyAccounts/*}\x12\xa5\x01\n\x11ListLedgerEntries\x12\'.far.gaming.v1.ListLedgerEntriesRequest\x1a(.far.gaming.v1.ListLedgerEntriesResponse\"=\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02.\x12,/v1/{parent=loyaltyAccounts/*}/ledgerEntries\x12\x91\x01\n\x0c\x41\x64justPoints\x12\".far.gaming.v1.AdjustPointsRequest\x1a\x1a.far.gaming.v1.LedgerEntry\"A\xa2\xbb\x18\t\x08\x05\x12\x05\x61\x64min\x82\xd3\xe4\x93\x02.\")/v1/{name=loyaltyAccounts/*}:adjustPoints:\x01*\x12s\n\x0c\x43reateReward\x12\".far.gaming.v1.CreateRewardRequest\x1a\x15.far.gaming.v1.Reward\"(\xa2\xbb\x18\t\x08\x03\x12\x05\x61\x64min\x82\xd3\xe4\x93\x02\x15\"\x0b/v1/rewards:\x06reward\x12j\n\tGetReward\x12\x1f.far.gaming.v1.GetRewardRequest\x1a\x15.far.gaming.v1.Reward\"%\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/{name=rewards/*}\x12r\n\x0bListRewards\x12!.far.gaming.v1.ListRewardsRequest\x1a\".far.gaming.v1.ListRewardsResponse\"\x1c\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/rewards\x12~\n\x0cUpdateReward\x12\".far.gaming.v1.UpdateRewardRequest\x1a\x15.far.gaming.v1.Reward\"3\xa2\xbb\x18\t\x08\x03\x12\x05\x61\x64min\x82\xd3\xe4\x93\x02 2\x1b/v1/{reward.name=rewards/*}:\x01*\x12{\n\x0cRedeemReward\x12\".far.gaming.v1.RedeemRewardRequest\x1a\x19.far.gaming.v1.Redemption\",\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02 \"\x1b/v1/{name=rewards/*}:redeem:\x01*\x12\x8c\x01\n\rGetRedemption\x12#.far.gaming.v1.GetRedemptionRequest\x1a\x19.far.gaming.v1.Redemption\";\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02,\x12*/v1/{name=loyaltyAccounts/*/redemptions/*}\x12\x9d\x01\n\x0fListRedemptions\x12%.far.gaming.v1.ListRedemptionsRequest\x1a&.far.gaming.v1.ListRedemptionsResponse\";\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02,\x12*/v1/{parent=loyaltyAccounts/*}/redemptions\x12\xa3\x01\n\x11\x46ulfillRedemption\x12\'.far.gaming.v1.FulfillRedemptionRequest\x1a\x19.far.gaming.v1.Redemption\"J\xa2\xbb\x18\t\x08\x03\x12\x05\x61\x64min\x82\xd3\xe4\x93\x02\x37\"2/v1/{name=loyaltyAccounts/*/redemptions/*}:fulfill:\x01*\x12\xa0\x01\n\x10\x43\x61ncelRedemption\x12&.far.gaming.v1.CancelRedemptionRequest\x1a\x19.far.gaming.v1.Redemption\"I\xa2\xbb\x18\t\x08\x03\x12\x05\x61\x64min\x82\xd3\xe4\x93\x02\x36\"1/v1/{name=loyaltyAccounts/*/redemptions/*}:cancel:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -123,133 +124,133 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELREDEMPTIONREQUEST'].fields_by_name['reason']._loaded_options = None
   _globals['_CANCELREDEMPTIONREQUEST'].fields_by_name['reason']._serialized_options = b'\342A\001\002'
   _globals['_GAMINGSERVICE'].methods_by_name['CreateTournament']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['CreateTournament']._serialized_options = b'\202\323\344\223\002\035\"\017/v1/tournaments:\ntournament'
+  _globals['_GAMINGSERVICE'].methods_by_name['CreateTournament']._serialized_options = b'\242\273\030\r\010\003\022\torganizer\202\323\344\223\002\035\"\017/v1/tournaments:\ntournament'
   _globals['_GAMINGSERVICE'].methods_by_name['GetTournament']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['GetTournament']._serialized_options = b'\220\002\001\202\323\344\223\002\032\022\030/v1/{name=tournaments/*}'
+  _globals['_GAMINGSERVICE'].methods_by_name['GetTournament']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\032\022\030/v1/{name=tournaments/*}'
   _globals['_GAMINGSERVICE'].methods_by_name['ListTournaments']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['ListTournaments']._serialized_options = b'\220\002\001\202\323\344\223\002\021\022\017/v1/tournaments'
+  _globals['_GAMINGSERVICE'].methods_by_name['ListTournaments']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\021\022\017/v1/tournaments'
   _globals['_GAMINGSERVICE'].methods_by_name['UpdateTournament']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['UpdateTournament']._serialized_options = b'\202\323\344\223\002(2#/v1/{tournament.name=tournaments/*}:\001*'
+  _globals['_GAMINGSERVICE'].methods_by_name['UpdateTournament']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002(2#/v1/{tournament.name=tournaments/*}:\001*'
   _globals['_GAMINGSERVICE'].methods_by_name['CancelTournament']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['CancelTournament']._serialized_options = b'\202\323\344\223\002$\"\037/v1/{name=tournaments/*}:cancel:\001*'
+  _globals['_GAMINGSERVICE'].methods_by_name['CancelTournament']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002$\"\037/v1/{name=tournaments/*}:cancel:\001*'
   _globals['_GAMINGSERVICE'].methods_by_name['GetTournamentPeriod']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['GetTournamentPeriod']._serialized_options = b'\220\002\001\202\323\344\223\002$\022\"/v1/{name=tournaments/*/periods/*}'
+  _globals['_GAMINGSERVICE'].methods_by_name['GetTournamentPeriod']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002$\022\"/v1/{name=tournaments/*/periods/*}'
   _globals['_GAMINGSERVICE'].methods_by_name['ListTournamentPeriods']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['ListTournamentPeriods']._serialized_options = b'\220\002\001\202\323\344\223\002$\022\"/v1/{parent=tournaments/*}/periods'
+  _globals['_GAMINGSERVICE'].methods_by_name['ListTournamentPeriods']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002$\022\"/v1/{parent=tournaments/*}/periods'
   _globals['_GAMINGSERVICE'].methods_by_name['JoinTournament']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['JoinTournament']._serialized_options = b'\202\323\344\223\002\"\"\035/v1/{name=tournaments/*}:join:\001*'
+  _globals['_GAMINGSERVICE'].methods_by_name['JoinTournament']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\"\"\035/v1/{name=tournaments/*}:join:\001*'
   _globals['_GAMINGSERVICE'].methods_by_name['ListEntries']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['ListEntries']._serialized_options = b'\220\002\001\202\323\344\223\002$\022\"/v1/{parent=tournaments/*}/entries'
+  _globals['_GAMINGSERVICE'].methods_by_name['ListEntries']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002$\022\"/v1/{parent=tournaments/*}/entries'
   _globals['_GAMINGSERVICE'].methods_by_name['SubmitScore']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['SubmitScore']._serialized_options = b'\202\323\344\223\002)\"$/v1/{name=tournaments/*}:submitScore:\001*'
+  _globals['_GAMINGSERVICE'].methods_by_name['SubmitScore']._serialized_options = b'\242\273\030\026\010\004\022\005admin\032\013game-server\202\323\344\223\002)\"$/v1/{name=tournaments/*}:submitScore:\001*'
   _globals['_GAMINGSERVICE'].methods_by_name['ListLeaderboardRecords']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['ListLeaderboardRecords']._serialized_options = b'\220\002\001\202\323\344\223\002.\022,/v1/{parent=tournaments/*/periods/*}/records'
+  _globals['_GAMINGSERVICE'].methods_by_name['ListLeaderboardRecords']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002.\022,/v1/{parent=tournaments/*/periods/*}/records'
   _globals['_GAMINGSERVICE'].methods_by_name['ListRecordsAroundOwner']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['ListRecordsAroundOwner']._serialized_options = b'\220\002\001\202\323\344\223\002:\0228/v1/{parent=tournaments/*/periods/*}/records:aroundOwner'
+  _globals['_GAMINGSERVICE'].methods_by_name['ListRecordsAroundOwner']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002:\0228/v1/{parent=tournaments/*/periods/*}/records:aroundOwner'
   _globals['_GAMINGSERVICE'].methods_by_name['FinalizeTournament']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['FinalizeTournament']._serialized_options = b'\202\323\344\223\002&\"!/v1/{name=tournaments/*}:finalize:\001*'
+  _globals['_GAMINGSERVICE'].methods_by_name['FinalizeTournament']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002&\"!/v1/{name=tournaments/*}:finalize:\001*'
   _globals['_GAMINGSERVICE'].methods_by_name['ListPayouts']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['ListPayouts']._serialized_options = b'\220\002\001\202\323\344\223\002$\022\"/v1/{parent=tournaments/*}/payouts'
+  _globals['_GAMINGSERVICE'].methods_by_name['ListPayouts']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002$\022\"/v1/{parent=tournaments/*}/payouts'
   _globals['_GAMINGSERVICE'].methods_by_name['GetLoyaltyAccount']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['GetLoyaltyAccount']._serialized_options = b'\220\002\001\202\323\344\223\002\036\022\034/v1/{name=loyaltyAccounts/*}'
+  _globals['_GAMINGSERVICE'].methods_by_name['GetLoyaltyAccount']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\036\022\034/v1/{name=loyaltyAccounts/*}'
   _globals['_GAMINGSERVICE'].methods_by_name['ListLedgerEntries']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['ListLedgerEntries']._serialized_options = b'\220\002\001\202\323\344\223\002.\022,/v1/{parent=loyaltyAccounts/*}/ledgerEntries'
+  _globals['_GAMINGSERVICE'].methods_by_name['ListLedgerEntries']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002.\022,/v1/{parent=loyaltyAccounts/*}/ledgerEntries'
   _globals['_GAMINGSERVICE'].methods_by_name['AdjustPoints']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['AdjustPoints']._serialized_options = b'\202\323\344\223\002.\")/v1/{name=loyaltyAccounts/*}:adjustPoints:\001*'
+  _globals['_GAMINGSERVICE'].methods_by_name['AdjustPoints']._serialized_options = b'\242\273\030\t\010\005\022\005admin\202\323\344\223\002.\")/v1/{name=loyaltyAccounts/*}:adjustPoints:\001*'
   _globals['_GAMINGSERVICE'].methods_by_name['CreateReward']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['CreateReward']._serialized_options = b'\202\323\344\223\002\025\"\013/v1/rewards:\006reward'
+  _globals['_GAMINGSERVICE'].methods_by_name['CreateReward']._serialized_options = b'\242\273\030\t\010\003\022\005admin\202\323\344\223\002\025\"\013/v1/rewards:\006reward'
   _globals['_GAMINGSERVICE'].methods_by_name['GetReward']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['GetReward']._serialized_options = b'\220\002\001\202\323\344\223\002\026\022\024/v1/{name=rewards/*}'
+  _globals['_GAMINGSERVICE'].methods_by_name['GetReward']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\026\022\024/v1/{name=rewards/*}'
   _globals['_GAMINGSERVICE'].methods_by_name['ListRewards']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['ListRewards']._serialized_options = b'\220\002\001\202\323\344\223\002\r\022\013/v1/rewards'
+  _globals['_GAMINGSERVICE'].methods_by_name['ListRewards']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\r\022\013/v1/rewards'
   _globals['_GAMINGSERVICE'].methods_by_name['UpdateReward']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['UpdateReward']._serialized_options = b'\202\323\344\223\002 2\033/v1/{reward.name=rewards/*}:\001*'
+  _globals['_GAMINGSERVICE'].methods_by_name['UpdateReward']._serialized_options = b'\242\273\030\t\010\003\022\005admin\202\323\344\223\002 2\033/v1/{reward.name=rewards/*}:\001*'
   _globals['_GAMINGSERVICE'].methods_by_name['RedeemReward']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['RedeemReward']._serialized_options = b'\202\323\344\223\002 \"\033/v1/{name=rewards/*}:redeem:\001*'
+  _globals['_GAMINGSERVICE'].methods_by_name['RedeemReward']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002 \"\033/v1/{name=rewards/*}:redeem:\001*'
   _globals['_GAMINGSERVICE'].methods_by_name['GetRedemption']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['GetRedemption']._serialized_options = b'\220\002\001\202\323\344\223\002,\022*/v1/{name=loyaltyAccounts/*/redemptions/*}'
+  _globals['_GAMINGSERVICE'].methods_by_name['GetRedemption']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002,\022*/v1/{name=loyaltyAccounts/*/redemptions/*}'
   _globals['_GAMINGSERVICE'].methods_by_name['ListRedemptions']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['ListRedemptions']._serialized_options = b'\220\002\001\202\323\344\223\002,\022*/v1/{parent=loyaltyAccounts/*}/redemptions'
+  _globals['_GAMINGSERVICE'].methods_by_name['ListRedemptions']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002,\022*/v1/{parent=loyaltyAccounts/*}/redemptions'
   _globals['_GAMINGSERVICE'].methods_by_name['FulfillRedemption']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['FulfillRedemption']._serialized_options = b'\202\323\344\223\0027\"2/v1/{name=loyaltyAccounts/*/redemptions/*}:fulfill:\001*'
+  _globals['_GAMINGSERVICE'].methods_by_name['FulfillRedemption']._serialized_options = b'\242\273\030\t\010\003\022\005admin\202\323\344\223\0027\"2/v1/{name=loyaltyAccounts/*/redemptions/*}:fulfill:\001*'
   _globals['_GAMINGSERVICE'].methods_by_name['CancelRedemption']._loaded_options = None
-  _globals['_GAMINGSERVICE'].methods_by_name['CancelRedemption']._serialized_options = b'\202\323\344\223\0026\"1/v1/{name=loyaltyAccounts/*/redemptions/*}:cancel:\001*'
-  _globals['_CREATETOURNAMENTREQUEST']._serialized_start=399
-  _globals['_CREATETOURNAMENTREQUEST']._serialized_end=506
-  _globals['_GETTOURNAMENTREQUEST']._serialized_start=508
-  _globals['_GETTOURNAMENTREQUEST']._serialized_end=584
-  _globals['_LISTTOURNAMENTSREQUEST']._serialized_start=587
-  _globals['_LISTTOURNAMENTSREQUEST']._serialized_end=800
-  _globals['_LISTTOURNAMENTSRESPONSE']._serialized_start=802
-  _globals['_LISTTOURNAMENTSRESPONSE']._serialized_end=900
-  _globals['_UPDATETOURNAMENTREQUEST']._serialized_start=902
-  _globals['_UPDATETOURNAMENTREQUEST']._serialized_end=1029
-  _globals['_CANCELTOURNAMENTREQUEST']._serialized_start=1032
-  _globals['_CANCELTOURNAMENTREQUEST']._serialized_end=1173
-  _globals['_GETTOURNAMENTPERIODREQUEST']._serialized_start=1175
-  _globals['_GETTOURNAMENTPERIODREQUEST']._serialized_end=1263
-  _globals['_LISTTOURNAMENTPERIODSREQUEST']._serialized_start=1265
-  _globals['_LISTTOURNAMENTPERIODSREQUEST']._serialized_end=1390
-  _globals['_LISTTOURNAMENTPERIODSRESPONSE']._serialized_start=1392
-  _globals['_LISTTOURNAMENTPERIODSRESPONSE']._serialized_end=1509
-  _globals['_JOINTOURNAMENTREQUEST']._serialized_start=1512
-  _globals['_JOINTOURNAMENTREQUEST']._serialized_end=1663
-  _globals['_LISTENTRIESREQUEST']._serialized_start=1666
-  _globals['_LISTENTRIESREQUEST']._serialized_end=1813
-  _globals['_LISTENTRIESRESPONSE']._serialized_start=1815
-  _globals['_LISTENTRIESRESPONSE']._serialized_end=1900
-  _globals['_SUBMITSCOREREQUEST']._serialized_start=1903
-  _globals['_SUBMITSCOREREQUEST']._serialized_end=2171
-  _globals['_SUBMITSCORERESPONSE']._serialized_start=2174
-  _globals['_SUBMITSCORERESPONSE']._serialized_end=2459
-  _globals['_SUBMITSCORERESPONSE_OUTCOME']._serialized_start=2309
-  _globals['_SUBMITSCORERESPONSE_OUTCOME']._serialized_end=2459
-  _globals['_LISTLEADERBOARDRECORDSREQUEST']._serialized_start=2462
-  _globals['_LISTLEADERBOARDRECORDSREQUEST']._serialized_end=2594
-  _globals['_LISTLEADERBOARDRECORDSRESPONSE']._serialized_start=2596
-  _globals['_LISTLEADERBOARDRECORDSRESPONSE']._serialized_end=2704
-  _globals['_LISTRECORDSAROUNDOWNERREQUEST']._serialized_start=2707
-  _globals['_LISTRECORDSAROUNDOWNERREQUEST']._serialized_end=2836
-  _globals['_LISTRECORDSAROUNDOWNERRESPONSE']._serialized_start=2839
-  _globals['_LISTRECORDSAROUNDOWNERRESPONSE']._serialized_end=2978
-  _globals['_FINALIZETOURNAMENTREQUEST']._serialized_start=2980
-  _globals['_FINALIZETOURNAMENTREQUEST']._serialized_end=3087
-  _globals['_FINALIZETOURNAMENTRESPONSE']._serialized_start=3090
-  _globals['_FINALIZETOURNAMENTRESPONSE']._serialized_end=3263
-  _globals['_LISTPAYOUTSREQUEST']._serialized_start=3266
-  _globals['_LISTPAYOUTSREQUEST']._serialized_end=3457
-  _globals['_LISTPAYOUTSRESPONSE']._serialized_start=3459
-  _globals['_LISTPAYOUTSRESPONSE']._serialized_end=3545
-  _globals['_GETLOYALTYACCOUNTREQUEST']._serialized_start=3547
-  _globals['_GETLOYALTYACCOUNTREQUEST']._serialized_end=3631
-  _globals['_LISTLEDGERENTRIESREQUEST']._serialized_start=3634
-  _globals['_LISTLEDGERENTRIESREQUEST']._serialized_end=3904
-  _globals['_LISTLEDGERENTRIESRESPONSE']._serialized_start=3906
-  _globals['_LISTLEDGERENTRIESRESPONSE']._serialized_end=4010
-  _globals['_ADJUSTPOINTSREQUEST']._serialized_start=4013
-  _globals['_ADJUSTPOINTSREQUEST']._serialized_end=4185
-  _globals['_CREATEREWARDREQUEST']._serialized_start=4187
-  _globals['_CREATEREWARDREQUEST']._serialized_end=4278
-  _globals['_GETREWARDREQUEST']._serialized_start=4280
-  _globals['_GETREWARDREQUEST']._serialized_end=4348
-  _globals['_LISTREWARDSREQUEST']._serialized_start=4351
-  _globals['_LISTREWARDSREQUEST']._serialized_end=4603
-  _globals['_LISTREWARDSRESPONSE']._serialized_start=4605
-  _globals['_LISTREWARDSRESPONSE']._serialized_end=4691
-  _globals['_UPDATEREWARDREQUEST']._serialized_start=4693
-  _globals['_UPDATEREWARDREQUEST']._serialized_end=4808
-  _globals['_REDEEMREWARDREQUEST']._serialized_start=4810
-  _globals['_REDEEMREWARDREQUEST']._serialized_end=4937
-  _globals['_GETREDEMPTIONREQUEST']._serialized_start=4939
-  _globals['_GETREDEMPTIONREQUEST']._serialized_end=5015
-  _globals['_LISTREDEMPTIONSREQUEST']._serialized_start=5018
-  _globals['_LISTREDEMPTIONSREQUEST']._serialized_end=5237
-  _globals['_LISTREDEMPTIONSRESPONSE']._serialized_start=5239
-  _globals['_LISTREDEMPTIONSRESPONSE']._serialized_end=5337
-  _globals['_FULFILLREDEMPTIONREQUEST']._serialized_start=5339
-  _globals['_FULFILLREDEMPTIONREQUEST']._serialized_end=5441
-  _globals['_CANCELREDEMPTIONREQUEST']._serialized_start=5443
-  _globals['_CANCELREDEMPTIONREQUEST']._serialized_end=5544
-  _globals['_GAMINGSERVICE']._serialized_start=5547
-  _globals['_GAMINGSERVICE']._serialized_end=9129
+  _globals['_GAMINGSERVICE'].methods_by_name['CancelRedemption']._serialized_options = b'\242\273\030\t\010\003\022\005admin\202\323\344\223\0026\"1/v1/{name=loyaltyAccounts/*/redemptions/*}:cancel:\001*'
+  _globals['_CREATETOURNAMENTREQUEST']._serialized_start=424
+  _globals['_CREATETOURNAMENTREQUEST']._serialized_end=531
+  _globals['_GETTOURNAMENTREQUEST']._serialized_start=533
+  _globals['_GETTOURNAMENTREQUEST']._serialized_end=609
+  _globals['_LISTTOURNAMENTSREQUEST']._serialized_start=612
+  _globals['_LISTTOURNAMENTSREQUEST']._serialized_end=825
+  _globals['_LISTTOURNAMENTSRESPONSE']._serialized_start=827
+  _globals['_LISTTOURNAMENTSRESPONSE']._serialized_end=925
+  _globals['_UPDATETOURNAMENTREQUEST']._serialized_start=927
+  _globals['_UPDATETOURNAMENTREQUEST']._serialized_end=1054
+  _globals['_CANCELTOURNAMENTREQUEST']._serialized_start=1057
+  _globals['_CANCELTOURNAMENTREQUEST']._serialized_end=1198
+  _globals['_GETTOURNAMENTPERIODREQUEST']._serialized_start=1200
+  _globals['_GETTOURNAMENTPERIODREQUEST']._serialized_end=1288
+  _globals['_LISTTOURNAMENTPERIODSREQUEST']._serialized_start=1290
+  _globals['_LISTTOURNAMENTPERIODSREQUEST']._serialized_end=1415
+  _globals['_LISTTOURNAMENTPERIODSRESPONSE']._serialized_start=1417
+  _globals['_LISTTOURNAMENTPERIODSRESPONSE']._serialized_end=1534
+  _globals['_JOINTOURNAMENTREQUEST']._serialized_start=1537
+  _globals['_JOINTOURNAMENTREQUEST']._serialized_end=1688
+  _globals['_LISTENTRIESREQUEST']._serialized_start=1691
+  _globals['_LISTENTRIESREQUEST']._serialized_end=1838
+  _globals['_LISTENTRIESRESPONSE']._serialized_start=1840
+  _globals['_LISTENTRIESRESPONSE']._serialized_end=1925
+  _globals['_SUBMITSCOREREQUEST']._serialized_start=1928
+  _globals['_SUBMITSCOREREQUEST']._serialized_end=2196
+  _globals['_SUBMITSCORERESPONSE']._serialized_start=2199
+  _globals['_SUBMITSCORERESPONSE']._serialized_end=2484
+  _globals['_SUBMITSCORERESPONSE_OUTCOME']._serialized_start=2334
+  _globals['_SUBMITSCORERESPONSE_OUTCOME']._serialized_end=2484
+  _globals['_LISTLEADERBOARDRECORDSREQUEST']._serialized_start=2487
+  _globals['_LISTLEADERBOARDRECORDSREQUEST']._serialized_end=2619
+  _globals['_LISTLEADERBOARDRECORDSRESPONSE']._serialized_start=2621
+  _globals['_LISTLEADERBOARDRECORDSRESPONSE']._serialized_end=2729
+  _globals['_LISTRECORDSAROUNDOWNERREQUEST']._serialized_start=2732
+  _globals['_LISTRECORDSAROUNDOWNERREQUEST']._serialized_end=2861
+  _globals['_LISTRECORDSAROUNDOWNERRESPONSE']._serialized_start=2864
+  _globals['_LISTRECORDSAROUNDOWNERRESPONSE']._serialized_end=3003
+  _globals['_FINALIZETOURNAMENTREQUEST']._serialized_start=3005
+  _globals['_FINALIZETOURNAMENTREQUEST']._serialized_end=3112
+  _globals['_FINALIZETOURNAMENTRESPONSE']._serialized_start=3115
+  _globals['_FINALIZETOURNAMENTRESPONSE']._serialized_end=3288
+  _globals['_LISTPAYOUTSREQUEST']._serialized_start=3291
+  _globals['_LISTPAYOUTSREQUEST']._serialized_end=3482
+  _globals['_LISTPAYOUTSRESPONSE']._serialized_start=3484
+  _globals['_LISTPAYOUTSRESPONSE']._serialized_end=3570
+  _globals['_GETLOYALTYACCOUNTREQUEST']._serialized_start=3572
+  _globals['_GETLOYALTYACCOUNTREQUEST']._serialized_end=3656
+  _globals['_LISTLEDGERENTRIESREQUEST']._serialized_start=3659
+  _globals['_LISTLEDGERENTRIESREQUEST']._serialized_end=3929
+  _globals['_LISTLEDGERENTRIESRESPONSE']._serialized_start=3931
+  _globals['_LISTLEDGERENTRIESRESPONSE']._serialized_end=4035
+  _globals['_ADJUSTPOINTSREQUEST']._serialized_start=4038
+  _globals['_ADJUSTPOINTSREQUEST']._serialized_end=4210
+  _globals['_CREATEREWARDREQUEST']._serialized_start=4212
+  _globals['_CREATEREWARDREQUEST']._serialized_end=4303
+  _globals['_GETREWARDREQUEST']._serialized_start=4305
+  _globals['_GETREWARDREQUEST']._serialized_end=4373
+  _globals['_LISTREWARDSREQUEST']._serialized_start=4376
+  _globals['_LISTREWARDSREQUEST']._serialized_end=4628
+  _globals['_LISTREWARDSRESPONSE']._serialized_start=4630
+  _globals['_LISTREWARDSRESPONSE']._serialized_end=4716
+  _globals['_UPDATEREWARDREQUEST']._serialized_start=4718
+  _globals['_UPDATEREWARDREQUEST']._serialized_end=4833
+  _globals['_REDEEMREWARDREQUEST']._serialized_start=4835
+  _globals['_REDEEMREWARDREQUEST']._serialized_end=4962
+  _globals['_GETREDEMPTIONREQUEST']._serialized_start=4964
+  _globals['_GETREDEMPTIONREQUEST']._serialized_end=5040
+  _globals['_LISTREDEMPTIONSREQUEST']._serialized_start=5043
+  _globals['_LISTREDEMPTIONSREQUEST']._serialized_end=5262
+  _globals['_LISTREDEMPTIONSRESPONSE']._serialized_start=5264
+  _globals['_LISTREDEMPTIONSRESPONSE']._serialized_end=5362
+  _globals['_FULFILLREDEMPTIONREQUEST']._serialized_start=5364
+  _globals['_FULFILLREDEMPTIONREQUEST']._serialized_end=5466
+  _globals['_CANCELREDEMPTIONREQUEST']._serialized_start=5468
+  _globals['_CANCELREDEMPTIONREQUEST']._serialized_end=5569
+  _globals['_GAMINGSERVICE']._serialized_start=5572
+  _globals['_GAMINGSERVICE']._serialized_end=9378
 # @@protoc_insertion_point(module_scope)

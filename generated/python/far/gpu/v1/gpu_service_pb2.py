@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from far.api.v1 import access_pb2 as far_dot_api_dot_v1_dot_access__pb2
 from far.gpu.v1 import node_pb2 as far_dot_gpu_dot_v1_dot_node__pb2
 from far.gpu.v1 import telemetry_pb2 as far_dot_gpu_dot_v1_dot_telemetry__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
@@ -32,7 +33,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x61r/gpu/v1/gpu_service.proto\x12\nfar.gpu.v1\x1a\x15\x66\x61r/gpu/v1/node.proto\x1a\x1a\x66\x61r/gpu/v1/telemetry.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x02\n\x13RegisterNodeRequest\x12\x15\n\x07node_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12$\n\x04node\x18\x02 \x01(\x0b\x32\x10.far.gpu.v1.NodeB\x04\xe2\x41\x01\x02\x12\x16\n\x08operator\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x63hain_id\x18\x04 \x01(\x04\x42\x04\xe2\x41\x01\x02\x12\x13\n\x05nonce\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\x12\x34\n\nissue_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x35\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x17\n\tsignature\x18\x08 \x01(\tB\x04\xe2\x41\x01\x02\"K\n\x14RegisterNodeResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.far.gpu.v1.Node\x12\x13\n\x0b\x61gent_token\x18\x02 \x01(\t\"=\n\x0eGetNodeRequest\x12+\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14gpu.far.network/Node\"\xdb\x01\n\x10ListNodesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12&\n\x06states\x18\x03 \x03(\x0e\x32\x16.far.gpu.v1.Node.State\x12\x10\n\x08operator\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x11\n\tgpu_model\x18\x06 \x01(\t\x12\x14\n\x0cloaded_model\x18\x07 \x01(\t\x12\x1d\n\x15min_free_memory_bytes\x18\x08 \x01(\x03\x12\x0e\n\x06labels\x18\t \x03(\t\"M\n\x11ListNodesResponse\x12\x1f\n\x05nodes\x18\x01 \x03(\x0b\x32\x10.far.gpu.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"j\n\x11UpdateNodeRequest\x12$\n\x04node\x18\x01 \x01(\x0b\x32\x10.far.gpu.v1.NodeB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x80\x01\n\x10\x44rainNodeRequest\x12+\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14gpu.far.network/Node\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x0cgrace_period\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x11ResumeNodeRequest\x12+\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14gpu.far.network/Node\"S\n\x15\x44\x65registerNodeRequest\x12+\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14gpu.far.network/Node\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x81\x01\n\x18SetModelPlacementRequest\x12+\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14gpu.far.network/Node\x12*\n\x06models\x18\x02 \x03(\x0b\x32\x1a.far.gpu.v1.ModelPlacement\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\"{\n\x16StreamTelemetryRequest\x12\'\n\x04node\x18\x01 \x01(\tB\x19\xfa\x41\x16\n\x14gpu.far.network/Node\x12-\n\x06report\x18\x02 \x01(\x0b\x32\x1b.far.gpu.v1.TelemetryReportH\x00\x42\t\n\x07payload\"\xfe\x01\n\x0fNodeInstruction\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.far.gpu.v1.AgentConfigH\x00\x12$\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x15.far.gpu.v1.ReportAckH\x00\x12\x35\n\tplacement\x18\x03 \x01(\x0b\x32 .far.gpu.v1.PlacementInstructionH\x00\x12(\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x17.far.gpu.v1.DrainNoticeH\x00\x12*\n\x06\x63losed\x18\x05 \x01(\x0b\x32\x18.far.gpu.v1.StreamClosedH\x00\x42\r\n\x0binstruction\"A\n\x0b\x41gentConfig\x12\x32\n\x0freport_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\tReportAck\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xab\x01\n\x14PlacementInstruction\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12+\n\x07\x64\x65sired\x18\x02 \x03(\x0b\x32\x1a.far.gpu.v1.ModelPlacement\x12(\n\x04load\x18\x03 \x03(\x0b\x32\x1a.far.gpu.v1.ModelPlacement\x12*\n\x06unload\x18\x04 \x03(\x0b\x32\x1a.far.gpu.v1.ModelPlacement\"K\n\x0b\x44rainNotice\x12,\n\x08\x64\x65\x61\x64line\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xea\x01\n\x0cStreamClosed\x12/\n\x06reason\x18\x01 \x01(\x0e\x32\x1f.far.gpu.v1.StreamClosed.Reason\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x97\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14REASON_CLIENT_CLOSED\x10\x01\x12\x15\n\x11REASON_SUPERSEDED\x10\x02\x12\x17\n\x13REASON_DEREGISTERED\x10\x03\x12\x0f\n\x0bREASON_IDLE\x10\x04\x12\x1a\n\x16REASON_SERVER_SHUTDOWN\x10\x05\"\xdc\x02\n\x15QueryTelemetryRequest\x12+\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14gpu.far.network/Node\x12\x34\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x07metrics\x18\x04 \x03(\x0e\x32\x1b.far.gpu.v1.TelemetryMetricB\x04\xe2\x41\x01\x02\x12+\n\x08interval\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x0b\x61ggregation\x18\x06 \x01(\x0e\x32\x17.far.gpu.v1.Aggregation\x12\x13\n\x0bgpu_indexes\x18\x07 \x03(\x05\x12\x0e\n\x06models\x18\x08 \x03(\t\"m\n\x16QueryTelemetryResponse\x12&\n\x06series\x18\x01 \x03(\x0b\x32\x16.far.gpu.v1.TimeSeries\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x83\x01\n\x17\x46indServingNodesRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x1d\n\x15min_free_memory_bytes\x18\x04 \x01(\x03\x12\x13\n\x0bmax_results\x18\x05 \x01(\x05\"B\n\x18\x46indServingNodesResponse\x12&\n\x05nodes\x18\x01 \x03(\x0b\x32\x17.far.gpu.v1.ServingNode\"\x9f\x02\n\x0bServingNode\x12\'\n\x04node\x18\x01 \x01(\tB\x19\xfa\x41\x16\n\x14gpu.far.network/Node\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x14\n\x0c\x65ndpoint_tls\x18\x03 \x01(\x08\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x17\n\x0f\x61\x63tive_requests\x18\x06 \x01(\x05\x12\x18\n\x10pending_requests\x18\x07 \x01(\x05\x12\x19\n\x11\x66ree_memory_bytes\x18\x08 \x01(\x03\x12\x1f\n\x17gpu_utilization_percent\x18\t \x01(\x01\x12/\n\x0breport_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\x95\t\n\nGpuService\x12p\n\x0cRegisterNode\x12\x1f.far.gpu.v1.RegisterNodeRequest\x1a .far.gpu.v1.RegisterNodeResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x12/v1/nodes:register:\x01*\x12V\n\x07GetNode\x12\x1a.far.gpu.v1.GetNodeRequest\x1a\x10.far.gpu.v1.Node\"\x1d\x90\x02\x01\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/{name=nodes/*}\x12^\n\tListNodes\x12\x1c.far.gpu.v1.ListNodesRequest\x1a\x1d.far.gpu.v1.ListNodesResponse\"\x14\x90\x02\x01\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/nodes\x12\x61\n\nUpdateNode\x12\x1d.far.gpu.v1.UpdateNodeRequest\x1a\x10.far.gpu.v1.Node\"\"\x82\xd3\xe4\x93\x02\x1c\x32\x17/v1/{node.name=nodes/*}:\x01*\x12`\n\tDrainNode\x12\x1c.far.gpu.v1.DrainNodeRequest\x1a\x10.far.gpu.v1.Node\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=nodes/*}:drain:\x01*\x12\x63\n\nResumeNode\x12\x1d.far.gpu.v1.ResumeNodeRequest\x1a\x10.far.gpu.v1.Node\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/{name=nodes/*}:resume:\x01*\x12o\n\x0e\x44\x65registerNode\x12!.far.gpu.v1.DeregisterNodeRequest\x1a\x10.far.gpu.v1.Node\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{name=nodes/*}:deregister:\x01*\x12|\n\x11SetModelPlacement\x12$.far.gpu.v1.SetModelPlacementRequest\x1a\x10.far.gpu.v1.Node\"/\x82\xd3\xe4\x93\x02)\"$/v1/{name=nodes/*}:setModelPlacement:\x01*\x12X\n\x0fStreamTelemetry\x12\".far.gpu.v1.StreamTelemetryRequest\x1a\x1b.far.gpu.v1.NodeInstruction\"\x00(\x01\x30\x01\x12\x85\x01\n\x0eQueryTelemetry\x12!.far.gpu.v1.QueryTelemetryRequest\x1a\".far.gpu.v1.QueryTelemetryResponse\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\x12!/v1/{name=nodes/*}:queryTelemetry\x12\x62\n\x10\x46indServingNodes\x12#.far.gpu.v1.FindServingNodesRequest\x1a$.far.gpu.v1.FindServingNodesResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x61r/gpu/v1/gpu_service.proto\x12\nfar.gpu.v1\x1a\x17\x66\x61r/api/v1/access.proto\x1a\x15\x66\x61r/gpu/v1/node.proto\x1a\x1a\x66\x61r/gpu/v1/telemetry.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x02\n\x13RegisterNodeRequest\x12\x15\n\x07node_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12$\n\x04node\x18\x02 \x01(\x0b\x32\x10.far.gpu.v1.NodeB\x04\xe2\x41\x01\x02\x12\x16\n\x08operator\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x08\x63hain_id\x18\x04 \x01(\x04\x42\x04\xe2\x41\x01\x02\x12\x13\n\x05nonce\x18\x05 \x01(\tB\x04\xe2\x41\x01\x02\x12\x34\n\nissue_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x35\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12\x17\n\tsignature\x18\x08 \x01(\tB\x04\xe2\x41\x01\x02\"K\n\x14RegisterNodeResponse\x12\x1e\n\x04node\x18\x01 \x01(\x0b\x32\x10.far.gpu.v1.Node\x12\x13\n\x0b\x61gent_token\x18\x02 \x01(\t\"=\n\x0eGetNodeRequest\x12+\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14gpu.far.network/Node\"\xdb\x01\n\x10ListNodesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12&\n\x06states\x18\x03 \x03(\x0e\x32\x16.far.gpu.v1.Node.State\x12\x10\n\x08operator\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x11\n\tgpu_model\x18\x06 \x01(\t\x12\x14\n\x0cloaded_model\x18\x07 \x01(\t\x12\x1d\n\x15min_free_memory_bytes\x18\x08 \x01(\x03\x12\x0e\n\x06labels\x18\t \x03(\t\"M\n\x11ListNodesResponse\x12\x1f\n\x05nodes\x18\x01 \x03(\x0b\x32\x10.far.gpu.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"j\n\x11UpdateNodeRequest\x12$\n\x04node\x18\x01 \x01(\x0b\x32\x10.far.gpu.v1.NodeB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"\x80\x01\n\x10\x44rainNodeRequest\x12+\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14gpu.far.network/Node\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x0cgrace_period\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x11ResumeNodeRequest\x12+\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14gpu.far.network/Node\"S\n\x15\x44\x65registerNodeRequest\x12+\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14gpu.far.network/Node\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x81\x01\n\x18SetModelPlacementRequest\x12+\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14gpu.far.network/Node\x12*\n\x06models\x18\x02 \x03(\x0b\x32\x1a.far.gpu.v1.ModelPlacement\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\"{\n\x16StreamTelemetryRequest\x12\'\n\x04node\x18\x01 \x01(\tB\x19\xfa\x41\x16\n\x14gpu.far.network/Node\x12-\n\x06report\x18\x02 \x01(\x0b\x32\x1b.far.gpu.v1.TelemetryReportH\x00\x42\t\n\x07payload\"\xfe\x01\n\x0fNodeInstruction\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.far.gpu.v1.AgentConfigH\x00\x12$\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x15.far.gpu.v1.ReportAckH\x00\x12\x35\n\tplacement\x18\x03 \x01(\x0b\x32 .far.gpu.v1.PlacementInstructionH\x00\x12(\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x17.far.gpu.v1.DrainNoticeH\x00\x12*\n\x06\x63losed\x18\x05 \x01(\x0b\x32\x18.far.gpu.v1.StreamClosedH\x00\x42\r\n\x0binstruction\"A\n\x0b\x41gentConfig\x12\x32\n\x0freport_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\tReportAck\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xab\x01\n\x14PlacementInstruction\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12+\n\x07\x64\x65sired\x18\x02 \x03(\x0b\x32\x1a.far.gpu.v1.ModelPlacement\x12(\n\x04load\x18\x03 \x03(\x0b\x32\x1a.far.gpu.v1.ModelPlacement\x12*\n\x06unload\x18\x04 \x03(\x0b\x32\x1a.far.gpu.v1.ModelPlacement\"K\n\x0b\x44rainNotice\x12,\n\x08\x64\x65\x61\x64line\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xea\x01\n\x0cStreamClosed\x12/\n\x06reason\x18\x01 \x01(\x0e\x32\x1f.far.gpu.v1.StreamClosed.Reason\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x97\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14REASON_CLIENT_CLOSED\x10\x01\x12\x15\n\x11REASON_SUPERSEDED\x10\x02\x12\x17\n\x13REASON_DEREGISTERED\x10\x03\x12\x0f\n\x0bREASON_IDLE\x10\x04\x12\x1a\n\x16REASON_SERVER_SHUTDOWN\x10\x05\"\xdc\x02\n\x15QueryTelemetryRequest\x12+\n\x04name\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14gpu.far.network/Node\x12\x34\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x07metrics\x18\x04 \x03(\x0e\x32\x1b.far.gpu.v1.TelemetryMetricB\x04\xe2\x41\x01\x02\x12+\n\x08interval\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x0b\x61ggregation\x18\x06 \x01(\x0e\x32\x17.far.gpu.v1.Aggregation\x12\x13\n\x0bgpu_indexes\x18\x07 \x03(\x05\x12\x0e\n\x06models\x18\x08 \x03(\t\"m\n\x16QueryTelemetryResponse\x12&\n\x06series\x18\x01 \x03(\x0b\x32\x16.far.gpu.v1.TimeSeries\x12+\n\x08interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x83\x01\n\x17\x46indServingNodesRequest\x12\x13\n\x05model\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x1d\n\x15min_free_memory_bytes\x18\x04 \x01(\x03\x12\x13\n\x0bmax_results\x18\x05 \x01(\x05\"B\n\x18\x46indServingNodesResponse\x12&\n\x05nodes\x18\x01 \x03(\x0b\x32\x17.far.gpu.v1.ServingNode\"\x9f\x02\n\x0bServingNode\x12\'\n\x04node\x18\x01 \x01(\tB\x19\xfa\x41\x16\n\x14gpu.far.network/Node\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x14\n\x0c\x65ndpoint_tls\x18\x03 \x01(\x08\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x17\n\x0f\x61\x63tive_requests\x18\x06 \x01(\x05\x12\x18\n\x10pending_requests\x18\x07 \x01(\x05\x12\x19\n\x11\x66ree_memory_bytes\x18\x08 \x01(\x03\x12\x1f\n\x17gpu_utilization_percent\x18\t \x01(\x01\x12/\n\x0breport_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xeb\t\n\nGpuService\x12v\n\x0cRegisterNode\x12\x1f.far.gpu.v1.RegisterNodeRequest\x1a .far.gpu.v1.RegisterNodeResponse\"#\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x17\"\x12/v1/nodes:register:\x01*\x12\\\n\x07GetNode\x12\x1a.far.gpu.v1.GetNodeRequest\x1a\x10.far.gpu.v1.Node\"#\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/{name=nodes/*}\x12\x64\n\tListNodes\x12\x1c.far.gpu.v1.ListNodesRequest\x1a\x1d.far.gpu.v1.ListNodesResponse\"\x1a\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/nodes\x12g\n\nUpdateNode\x12\x1d.far.gpu.v1.UpdateNodeRequest\x1a\x10.far.gpu.v1.Node\"(\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1c\x32\x17/v1/{node.name=nodes/*}:\x01*\x12\x66\n\tDrainNode\x12\x1c.far.gpu.v1.DrainNodeRequest\x1a\x10.far.gpu.v1.Node\")\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=nodes/*}:drain:\x01*\x12i\n\nResumeNode\x12\x1d.far.gpu.v1.ResumeNodeRequest\x1a\x10.far.gpu.v1.Node\"*\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/{name=nodes/*}:resume:\x01*\x12u\n\x0e\x44\x65registerNode\x12!.far.gpu.v1.DeregisterNodeRequest\x1a\x10.far.gpu.v1.Node\".\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{name=nodes/*}:deregister:\x01*\x12\x82\x01\n\x11SetModelPlacement\x12$.far.gpu.v1.SetModelPlacementRequest\x1a\x10.far.gpu.v1.Node\"5\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02)\"$/v1/{name=nodes/*}:setModelPlacement:\x01*\x12j\n\x0fStreamTelemetry\x12\".far.gpu.v1.StreamTelemetryRequest\x1a\x1b.far.gpu.v1.NodeInstruction\"\x12\xa2\xbb\x18\x0e\x08\x04\x1a\nnode-agent(\x01\x30\x01\x12\x8b\x01\n\x0eQueryTelemetry\x12!.far.gpu.v1.QueryTelemetryRequest\x1a\".far.gpu.v1.QueryTelemetryResponse\"2\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02#\x12!/v1/{name=nodes/*}:queryTelemetry\x12o\n\x10\x46indServingNodes\x12#.far.gpu.v1.FindServingNodesRequest\x1a$.far.gpu.v1.FindServingNodesResponse\"\x10\x90\x02\x01\xa2\xbb\x18\t\x08\x05\x12\x05\x61\x64minb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -80,71 +81,73 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVINGNODE'].fields_by_name['node']._loaded_options = None
   _globals['_SERVINGNODE'].fields_by_name['node']._serialized_options = b'\372A\026\n\024gpu.far.network/Node'
   _globals['_GPUSERVICE'].methods_by_name['RegisterNode']._loaded_options = None
-  _globals['_GPUSERVICE'].methods_by_name['RegisterNode']._serialized_options = b'\202\323\344\223\002\027\"\022/v1/nodes:register:\001*'
+  _globals['_GPUSERVICE'].methods_by_name['RegisterNode']._serialized_options = b'\242\273\030\002\010\001\202\323\344\223\002\027\"\022/v1/nodes:register:\001*'
   _globals['_GPUSERVICE'].methods_by_name['GetNode']._loaded_options = None
-  _globals['_GPUSERVICE'].methods_by_name['GetNode']._serialized_options = b'\220\002\001\202\323\344\223\002\024\022\022/v1/{name=nodes/*}'
+  _globals['_GPUSERVICE'].methods_by_name['GetNode']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\024\022\022/v1/{name=nodes/*}'
   _globals['_GPUSERVICE'].methods_by_name['ListNodes']._loaded_options = None
-  _globals['_GPUSERVICE'].methods_by_name['ListNodes']._serialized_options = b'\220\002\001\202\323\344\223\002\013\022\t/v1/nodes'
+  _globals['_GPUSERVICE'].methods_by_name['ListNodes']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\013\022\t/v1/nodes'
   _globals['_GPUSERVICE'].methods_by_name['UpdateNode']._loaded_options = None
-  _globals['_GPUSERVICE'].methods_by_name['UpdateNode']._serialized_options = b'\202\323\344\223\002\0342\027/v1/{node.name=nodes/*}:\001*'
+  _globals['_GPUSERVICE'].methods_by_name['UpdateNode']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\0342\027/v1/{node.name=nodes/*}:\001*'
   _globals['_GPUSERVICE'].methods_by_name['DrainNode']._loaded_options = None
-  _globals['_GPUSERVICE'].methods_by_name['DrainNode']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/{name=nodes/*}:drain:\001*'
+  _globals['_GPUSERVICE'].methods_by_name['DrainNode']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\035\"\030/v1/{name=nodes/*}:drain:\001*'
   _globals['_GPUSERVICE'].methods_by_name['ResumeNode']._loaded_options = None
-  _globals['_GPUSERVICE'].methods_by_name['ResumeNode']._serialized_options = b'\202\323\344\223\002\036\"\031/v1/{name=nodes/*}:resume:\001*'
+  _globals['_GPUSERVICE'].methods_by_name['ResumeNode']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\036\"\031/v1/{name=nodes/*}:resume:\001*'
   _globals['_GPUSERVICE'].methods_by_name['DeregisterNode']._loaded_options = None
-  _globals['_GPUSERVICE'].methods_by_name['DeregisterNode']._serialized_options = b'\202\323\344\223\002\"\"\035/v1/{name=nodes/*}:deregister:\001*'
+  _globals['_GPUSERVICE'].methods_by_name['DeregisterNode']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\"\"\035/v1/{name=nodes/*}:deregister:\001*'
   _globals['_GPUSERVICE'].methods_by_name['SetModelPlacement']._loaded_options = None
-  _globals['_GPUSERVICE'].methods_by_name['SetModelPlacement']._serialized_options = b'\202\323\344\223\002)\"$/v1/{name=nodes/*}:setModelPlacement:\001*'
+  _globals['_GPUSERVICE'].methods_by_name['SetModelPlacement']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002)\"$/v1/{name=nodes/*}:setModelPlacement:\001*'
+  _globals['_GPUSERVICE'].methods_by_name['StreamTelemetry']._loaded_options = None
+  _globals['_GPUSERVICE'].methods_by_name['StreamTelemetry']._serialized_options = b'\242\273\030\016\010\004\032\nnode-agent'
   _globals['_GPUSERVICE'].methods_by_name['QueryTelemetry']._loaded_options = None
-  _globals['_GPUSERVICE'].methods_by_name['QueryTelemetry']._serialized_options = b'\220\002\001\202\323\344\223\002#\022!/v1/{name=nodes/*}:queryTelemetry'
+  _globals['_GPUSERVICE'].methods_by_name['QueryTelemetry']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002#\022!/v1/{name=nodes/*}:queryTelemetry'
   _globals['_GPUSERVICE'].methods_by_name['FindServingNodes']._loaded_options = None
-  _globals['_GPUSERVICE'].methods_by_name['FindServingNodes']._serialized_options = b'\220\002\001'
-  _globals['_REGISTERNODEREQUEST']._serialized_start=285
-  _globals['_REGISTERNODEREQUEST']._serialized_end=570
-  _globals['_REGISTERNODERESPONSE']._serialized_start=572
-  _globals['_REGISTERNODERESPONSE']._serialized_end=647
-  _globals['_GETNODEREQUEST']._serialized_start=649
-  _globals['_GETNODEREQUEST']._serialized_end=710
-  _globals['_LISTNODESREQUEST']._serialized_start=713
-  _globals['_LISTNODESREQUEST']._serialized_end=932
-  _globals['_LISTNODESRESPONSE']._serialized_start=934
-  _globals['_LISTNODESRESPONSE']._serialized_end=1011
-  _globals['_UPDATENODEREQUEST']._serialized_start=1013
-  _globals['_UPDATENODEREQUEST']._serialized_end=1119
-  _globals['_DRAINNODEREQUEST']._serialized_start=1122
-  _globals['_DRAINNODEREQUEST']._serialized_end=1250
-  _globals['_RESUMENODEREQUEST']._serialized_start=1252
-  _globals['_RESUMENODEREQUEST']._serialized_end=1316
-  _globals['_DEREGISTERNODEREQUEST']._serialized_start=1318
-  _globals['_DEREGISTERNODEREQUEST']._serialized_end=1401
-  _globals['_SETMODELPLACEMENTREQUEST']._serialized_start=1404
-  _globals['_SETMODELPLACEMENTREQUEST']._serialized_end=1533
-  _globals['_STREAMTELEMETRYREQUEST']._serialized_start=1535
-  _globals['_STREAMTELEMETRYREQUEST']._serialized_end=1658
-  _globals['_NODEINSTRUCTION']._serialized_start=1661
-  _globals['_NODEINSTRUCTION']._serialized_end=1915
-  _globals['_AGENTCONFIG']._serialized_start=1917
-  _globals['_AGENTCONFIG']._serialized_end=1982
-  _globals['_REPORTACK']._serialized_start=1984
-  _globals['_REPORTACK']._serialized_end=2047
-  _globals['_PLACEMENTINSTRUCTION']._serialized_start=2050
-  _globals['_PLACEMENTINSTRUCTION']._serialized_end=2221
-  _globals['_DRAINNOTICE']._serialized_start=2223
-  _globals['_DRAINNOTICE']._serialized_end=2298
-  _globals['_STREAMCLOSED']._serialized_start=2301
-  _globals['_STREAMCLOSED']._serialized_end=2535
-  _globals['_STREAMCLOSED_REASON']._serialized_start=2384
-  _globals['_STREAMCLOSED_REASON']._serialized_end=2535
-  _globals['_QUERYTELEMETRYREQUEST']._serialized_start=2538
-  _globals['_QUERYTELEMETRYREQUEST']._serialized_end=2886
-  _globals['_QUERYTELEMETRYRESPONSE']._serialized_start=2888
-  _globals['_QUERYTELEMETRYRESPONSE']._serialized_end=2997
-  _globals['_FINDSERVINGNODESREQUEST']._serialized_start=3000
-  _globals['_FINDSERVINGNODESREQUEST']._serialized_end=3131
-  _globals['_FINDSERVINGNODESRESPONSE']._serialized_start=3133
-  _globals['_FINDSERVINGNODESRESPONSE']._serialized_end=3199
-  _globals['_SERVINGNODE']._serialized_start=3202
-  _globals['_SERVINGNODE']._serialized_end=3489
-  _globals['_GPUSERVICE']._serialized_start=3492
-  _globals['_GPUSERVICE']._serialized_end=4665
+  _globals['_GPUSERVICE'].methods_by_name['FindServingNodes']._serialized_options = b'\220\002\001\242\273\030\t\010\005\022\005admin'
+  _globals['_REGISTERNODEREQUEST']._serialized_start=310
+  _globals['_REGISTERNODEREQUEST']._serialized_end=595
+  _globals['_REGISTERNODERESPONSE']._serialized_start=597
+  _globals['_REGISTERNODERESPONSE']._serialized_end=672
+  _globals['_GETNODEREQUEST']._serialized_start=674
+  _globals['_GETNODEREQUEST']._serialized_end=735
+  _globals['_LISTNODESREQUEST']._serialized_start=738
+  _globals['_LISTNODESREQUEST']._serialized_end=957
+  _globals['_LISTNODESRESPONSE']._serialized_start=959
+  _globals['_LISTNODESRESPONSE']._serialized_end=1036
+  _globals['_UPDATENODEREQUEST']._serialized_start=1038
+  _globals['_UPDATENODEREQUEST']._serialized_end=1144
+  _globals['_DRAINNODEREQUEST']._serialized_start=1147
+  _globals['_DRAINNODEREQUEST']._serialized_end=1275
+  _globals['_RESUMENODEREQUEST']._serialized_start=1277
+  _globals['_RESUMENODEREQUEST']._serialized_end=1341
+  _globals['_DEREGISTERNODEREQUEST']._serialized_start=1343
+  _globals['_DEREGISTERNODEREQUEST']._serialized_end=1426
+  _globals['_SETMODELPLACEMENTREQUEST']._serialized_start=1429
+  _globals['_SETMODELPLACEMENTREQUEST']._serialized_end=1558
+  _globals['_STREAMTELEMETRYREQUEST']._serialized_start=1560
+  _globals['_STREAMTELEMETRYREQUEST']._serialized_end=1683
+  _globals['_NODEINSTRUCTION']._serialized_start=1686
+  _globals['_NODEINSTRUCTION']._serialized_end=1940
+  _globals['_AGENTCONFIG']._serialized_start=1942
+  _globals['_AGENTCONFIG']._serialized_end=2007
+  _globals['_REPORTACK']._serialized_start=2009
+  _globals['_REPORTACK']._serialized_end=2072
+  _globals['_PLACEMENTINSTRUCTION']._serialized_start=2075
+  _globals['_PLACEMENTINSTRUCTION']._serialized_end=2246
+  _globals['_DRAINNOTICE']._serialized_start=2248
+  _globals['_DRAINNOTICE']._serialized_end=2323
+  _globals['_STREAMCLOSED']._serialized_start=2326
+  _globals['_STREAMCLOSED']._serialized_end=2560
+  _globals['_STREAMCLOSED_REASON']._serialized_start=2409
+  _globals['_STREAMCLOSED_REASON']._serialized_end=2560
+  _globals['_QUERYTELEMETRYREQUEST']._serialized_start=2563
+  _globals['_QUERYTELEMETRYREQUEST']._serialized_end=2911
+  _globals['_QUERYTELEMETRYRESPONSE']._serialized_start=2913
+  _globals['_QUERYTELEMETRYRESPONSE']._serialized_end=3022
+  _globals['_FINDSERVINGNODESREQUEST']._serialized_start=3025
+  _globals['_FINDSERVINGNODESREQUEST']._serialized_end=3156
+  _globals['_FINDSERVINGNODESRESPONSE']._serialized_start=3158
+  _globals['_FINDSERVINGNODESRESPONSE']._serialized_end=3224
+  _globals['_SERVINGNODE']._serialized_start=3227
+  _globals['_SERVINGNODE']._serialized_end=3514
+  _globals['_GPUSERVICE']._serialized_start=3517
+  _globals['_GPUSERVICE']._serialized_end=4776
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from far.api.v1 import access_pb2 as far_dot_api_dot_v1_dot_access__pb2
 from far.inference.v1 import job_pb2 as far_dot_inference_dot_v1_dot_job__pb2
 from far.inference.v1 import model_pb2 as far_dot_inference_dot_v1_dot_model__pb2
 from far.inference.v1 import quote_pb2 as far_dot_inference_dot_v1_dot_quote__pb2
@@ -32,7 +33,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(far/inference/v1/inference_service.proto\x12\x10\x66\x61r.inference.v1\x1a\x1a\x66\x61r/inference/v1/job.proto\x1a\x1c\x66\x61r/inference/v1/model.proto\x1a\x1c\x66\x61r/inference/v1/quote.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\"E\n\x0fGetModelRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1binference.far.network/Model\"R\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x16\n\x0e\x61vailable_only\x18\x03 \x01(\x08\"V\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.far.inference.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"B\n\x12\x43reateQuoteRequest\x12,\n\x05quote\x18\x01 \x01(\x0b\x32\x17.far.inference.v1.QuoteB\x04\xe2\x41\x01\x02\"E\n\x0fGetQuoteRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1binference.far.network/Quote\"\xa9\x02\n\x0fGenerateRequest\x12\x33\n\x05model\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1binference.far.network/Model\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12&\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x16.far.inference.v1.ChatH\x00\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .far.inference.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_sequences\x18\x06 \x03(\t\x12*\n\x07payment\x18\x07 \x01(\x0b\x32\x19.far.inference.v1.Payment\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x07\n\x05input\"\xdb\x01\n\x10GenerateResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x15.far.inference.v1.JobH\x00\x12\x39\n\x0equeue_position\x18\x02 \x01(\x0b\x32\x1f.far.inference.v1.QueuePositionH\x00\x12-\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x1c.far.inference.v1.TokenDeltaH\x00\x12.\n\x05\x66inal\x18\x04 \x01(\x0b\x32\x1d.far.inference.v1.GenerateEndH\x00\x42\x07\n\x05\x65vent\"T\n\rQueuePosition\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\x31\n\x0e\x65stimated_wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x05\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\"\x88\x02\n\x0bGenerateEnd\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.far.inference.v1.Job.State\x12\x35\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1e.far.inference.v1.FinishReason\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.far.inference.v1.Usage\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\x12\x13\n\x0bnext_offset\x18\x06 \x01(\x05\"P\n\x10\x43reateJobRequest\x12(\n\x03job\x18\x01 \x01(\x0b\x32\x15.far.inference.v1.JobB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"A\n\rGetJobRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19inference.far.network/Job\"\xa4\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.far.inference.v1.Job.State\x12/\n\x05model\x18\x04 \x01(\tB \xfa\x41\x1d\n\x1binference.far.network/Model\x12\r\n\x05owner\x18\x05 \x01(\t\"P\n\x10ListJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.far.inference.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"D\n\x10\x43\x61ncelJobRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19inference.far.network/Job\"Y\n\x10StreamJobRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19inference.far.network/Job\x12\x13\n\x0b\x66rom_offset\x18\x02 \x01(\x05\x32\xca\x08\n\x10InferenceService\x12\x66\n\x08GetModel\x12!.far.inference.v1.GetModelRequest\x1a\x17.far.inference.v1.Model\"\x1e\x90\x02\x01\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/{name=models/*}\x12n\n\nListModels\x12#.far.inference.v1.ListModelsRequest\x1a$.far.inference.v1.ListModelsResponse\"\x15\x90\x02\x01\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12g\n\x0b\x43reateQuote\x12$.far.inference.v1.CreateQuoteRequest\x1a\x17.far.inference.v1.Quote\"\x19\x82\xd3\xe4\x93\x02\x13\"\n/v1/quotes:\x05quote\x12\x66\n\x08GetQuote\x12!.far.inference.v1.GetQuoteRequest\x1a\x17.far.inference.v1.Quote\"\x1e\x90\x02\x01\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/{name=quotes/*}\x12}\n\x08Generate\x12!.far.inference.v1.GenerateRequest\x1a\".far.inference.v1.GenerateResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{model=models/*}:generate:\x01*0\x01\x12]\n\tCreateJob\x12\".far.inference.v1.CreateJobRequest\x1a\x15.far.inference.v1.Job\"\x15\x82\xd3\xe4\x93\x02\x0f\"\x08/v1/jobs:\x03job\x12^\n\x06GetJob\x12\x1f.far.inference.v1.GetJobRequest\x1a\x15.far.inference.v1.Job\"\x1c\x90\x02\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/{name=jobs/*}\x12\x66\n\x08ListJobs\x12!.far.inference.v1.ListJobsRequest\x1a\".far.inference.v1.ListJobsResponse\"\x13\x90\x02\x01\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12k\n\tCancelJob\x12\".far.inference.v1.CancelJobRequest\x1a\x15.far.inference.v1.Job\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=jobs/*}:cancel:\x01*\x12z\n\tStreamJob\x12\".far.inference.v1.StreamJobRequest\x1a\".far.inference.v1.GenerateResponse\"#\x90\x02\x01\x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/{name=jobs/*}:stream0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(far/inference/v1/inference_service.proto\x12\x10\x66\x61r.inference.v1\x1a\x17\x66\x61r/api/v1/access.proto\x1a\x1a\x66\x61r/inference/v1/job.proto\x1a\x1c\x66\x61r/inference/v1/model.proto\x1a\x1c\x66\x61r/inference/v1/quote.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x17google/rpc/status.proto\"E\n\x0fGetModelRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1binference.far.network/Model\"R\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x16\n\x0e\x61vailable_only\x18\x03 \x01(\x08\"V\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.far.inference.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"B\n\x12\x43reateQuoteRequest\x12,\n\x05quote\x18\x01 \x01(\x0b\x32\x17.far.inference.v1.QuoteB\x04\xe2\x41\x01\x02\"E\n\x0fGetQuoteRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1binference.far.network/Quote\"\xa9\x02\n\x0fGenerateRequest\x12\x33\n\x05model\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1binference.far.network/Model\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12&\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x16.far.inference.v1.ChatH\x00\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .far.inference.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x16\n\x0estop_sequences\x18\x06 \x03(\t\x12*\n\x07payment\x18\x07 \x01(\x0b\x32\x19.far.inference.v1.Payment\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x07\n\x05input\"\xdb\x01\n\x10GenerateResponse\x12$\n\x03job\x18\x01 \x01(\x0b\x32\x15.far.inference.v1.JobH\x00\x12\x39\n\x0equeue_position\x18\x02 \x01(\x0b\x32\x1f.far.inference.v1.QueuePositionH\x00\x12-\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x1c.far.inference.v1.TokenDeltaH\x00\x12.\n\x05\x66inal\x18\x04 \x01(\x0b\x32\x1d.far.inference.v1.GenerateEndH\x00\x42\x07\n\x05\x65vent\"T\n\rQueuePosition\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\x31\n\x0e\x65stimated_wait\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"?\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x05\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\"\x88\x02\n\x0bGenerateEnd\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.far.inference.v1.Job.State\x12\x35\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1e.far.inference.v1.FinishReason\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.far.inference.v1.Usage\x12\x36\n\x13time_to_first_token\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\x12\x13\n\x0bnext_offset\x18\x06 \x01(\x05\"P\n\x10\x43reateJobRequest\x12(\n\x03job\x18\x01 \x01(\x0b\x32\x15.far.inference.v1.JobB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"A\n\rGetJobRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19inference.far.network/Job\"\xa4\x01\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.far.inference.v1.Job.State\x12/\n\x05model\x18\x04 \x01(\tB \xfa\x41\x1d\n\x1binference.far.network/Model\x12\r\n\x05owner\x18\x05 \x01(\t\"P\n\x10ListJobsResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.far.inference.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"D\n\x10\x43\x61ncelJobRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19inference.far.network/Job\"Y\n\x10StreamJobRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19inference.far.network/Job\x12\x13\n\x0b\x66rom_offset\x18\x02 \x01(\x05\x32\x88\t\n\x10InferenceService\x12l\n\x08GetModel\x12!.far.inference.v1.GetModelRequest\x1a\x17.far.inference.v1.Model\"$\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/{name=models/*}\x12t\n\nListModels\x12#.far.inference.v1.ListModelsRequest\x1a$.far.inference.v1.ListModelsResponse\"\x1b\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12m\n\x0b\x43reateQuote\x12$.far.inference.v1.CreateQuoteRequest\x1a\x17.far.inference.v1.Quote\"\x1f\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x13\"\n/v1/quotes:\x05quote\x12l\n\x08GetQuote\x12!.far.inference.v1.GetQuoteRequest\x1a\x17.far.inference.v1.Quote\"$\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/{name=quotes/*}\x12\x83\x01\n\x08Generate\x12!.far.inference.v1.GenerateRequest\x1a\".far.inference.v1.GenerateResponse\".\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{model=models/*}:generate:\x01*0\x01\x12\x63\n\tCreateJob\x12\".far.inference.v1.CreateJobRequest\x1a\x15.far.inference.v1.Job\"\x1b\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x0f\"\x08/v1/jobs:\x03job\x12\x64\n\x06GetJob\x12\x1f.far.inference.v1.GetJobRequest\x1a\x15.far.inference.v1.Job\"\"\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/{name=jobs/*}\x12l\n\x08ListJobs\x12!.far.inference.v1.ListJobsRequest\x1a\".far.inference.v1.ListJobsResponse\"\x19\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12q\n\tCancelJob\x12\".far.inference.v1.CancelJobRequest\x1a\x15.far.inference.v1.Job\")\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/{name=jobs/*}:cancel:\x01*\x12\x80\x01\n\tStreamJob\x12\".far.inference.v1.StreamJobRequest\x1a\".far.inference.v1.GenerateResponse\")\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/{name=jobs/*}:stream0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -58,57 +59,57 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMJOBREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_STREAMJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031inference.far.network/Job'
   _globals['_INFERENCESERVICE'].methods_by_name['GetModel']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['GetModel']._serialized_options = b'\220\002\001\202\323\344\223\002\025\022\023/v1/{name=models/*}'
+  _globals['_INFERENCESERVICE'].methods_by_name['GetModel']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\025\022\023/v1/{name=models/*}'
   _globals['_INFERENCESERVICE'].methods_by_name['ListModels']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['ListModels']._serialized_options = b'\220\002\001\202\323\344\223\002\014\022\n/v1/models'
+  _globals['_INFERENCESERVICE'].methods_by_name['ListModels']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\014\022\n/v1/models'
   _globals['_INFERENCESERVICE'].methods_by_name['CreateQuote']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['CreateQuote']._serialized_options = b'\202\323\344\223\002\023\"\n/v1/quotes:\005quote'
+  _globals['_INFERENCESERVICE'].methods_by_name['CreateQuote']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\023\"\n/v1/quotes:\005quote'
   _globals['_INFERENCESERVICE'].methods_by_name['GetQuote']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['GetQuote']._serialized_options = b'\220\002\001\202\323\344\223\002\025\022\023/v1/{name=quotes/*}'
+  _globals['_INFERENCESERVICE'].methods_by_name['GetQuote']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\025\022\023/v1/{name=quotes/*}'
   _globals['_INFERENCESERVICE'].methods_by_name['Generate']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['Generate']._serialized_options = b'\202\323\344\223\002\"\"\035/v1/{model=models/*}:generate:\001*'
+  _globals['_INFERENCESERVICE'].methods_by_name['Generate']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\"\"\035/v1/{model=models/*}:generate:\001*'
   _globals['_INFERENCESERVICE'].methods_by_name['CreateJob']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['CreateJob']._serialized_options = b'\202\323\344\223\002\017\"\010/v1/jobs:\003job'
+  _globals['_INFERENCESERVICE'].methods_by_name['CreateJob']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\017\"\010/v1/jobs:\003job'
   _globals['_INFERENCESERVICE'].methods_by_name['GetJob']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['GetJob']._serialized_options = b'\220\002\001\202\323\344\223\002\023\022\021/v1/{name=jobs/*}'
+  _globals['_INFERENCESERVICE'].methods_by_name['GetJob']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\023\022\021/v1/{name=jobs/*}'
   _globals['_INFERENCESERVICE'].methods_by_name['ListJobs']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['ListJobs']._serialized_options = b'\220\002\001\202\323\344\223\002\n\022\010/v1/jobs'
+  _globals['_INFERENCESERVICE'].methods_by_name['ListJobs']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\n\022\010/v1/jobs'
   _globals['_INFERENCESERVICE'].methods_by_name['CancelJob']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['CancelJob']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/{name=jobs/*}:cancel:\001*'
+  _globals['_INFERENCESERVICE'].methods_by_name['CancelJob']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\035\"\030/v1/{name=jobs/*}:cancel:\001*'
   _globals['_INFERENCESERVICE'].methods_by_name['StreamJob']._loaded_options = None
-  _globals['_INFERENCESERVICE'].methods_by_name['StreamJob']._serialized_options = b'\220\002\001\202\323\344\223\002\032\022\030/v1/{name=jobs/*}:stream'
-  _globals['_GETMODELREQUEST']._serialized_start=297
-  _globals['_GETMODELREQUEST']._serialized_end=366
-  _globals['_LISTMODELSREQUEST']._serialized_start=368
-  _globals['_LISTMODELSREQUEST']._serialized_end=450
-  _globals['_LISTMODELSRESPONSE']._serialized_start=452
-  _globals['_LISTMODELSRESPONSE']._serialized_end=538
-  _globals['_CREATEQUOTEREQUEST']._serialized_start=540
-  _globals['_CREATEQUOTEREQUEST']._serialized_end=606
-  _globals['_GETQUOTEREQUEST']._serialized_start=608
-  _globals['_GETQUOTEREQUEST']._serialized_end=677
-  _globals['_GENERATEREQUEST']._serialized_start=680
-  _globals['_GENERATEREQUEST']._serialized_end=977
-  _globals['_GENERATERESPONSE']._serialized_start=980
-  _globals['_GENERATERESPONSE']._serialized_end=1199
-  _globals['_QUEUEPOSITION']._serialized_start=1201
-  _globals['_QUEUEPOSITION']._serialized_end=1285
-  _globals['_TOKENDELTA']._serialized_start=1287
-  _globals['_TOKENDELTA']._serialized_end=1350
-  _globals['_GENERATEEND']._serialized_start=1353
-  _globals['_GENERATEEND']._serialized_end=1617
-  _globals['_CREATEJOBREQUEST']._serialized_start=1619
-  _globals['_CREATEJOBREQUEST']._serialized_end=1699
-  _globals['_GETJOBREQUEST']._serialized_start=1701
-  _globals['_GETJOBREQUEST']._serialized_end=1766
-  _globals['_LISTJOBSREQUEST']._serialized_start=1769
-  _globals['_LISTJOBSREQUEST']._serialized_end=1933
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1935
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2015
-  _globals['_CANCELJOBREQUEST']._serialized_start=2017
-  _globals['_CANCELJOBREQUEST']._serialized_end=2085
-  _globals['_STREAMJOBREQUEST']._serialized_start=2087
-  _globals['_STREAMJOBREQUEST']._serialized_end=2176
-  _globals['_INFERENCESERVICE']._serialized_start=2179
-  _globals['_INFERENCESERVICE']._serialized_end=3277
+  _globals['_INFERENCESERVICE'].methods_by_name['StreamJob']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\032\022\030/v1/{name=jobs/*}:stream'
+  _globals['_GETMODELREQUEST']._serialized_start=322
+  _globals['_GETMODELREQUEST']._serialized_end=391
+  _globals['_LISTMODELSREQUEST']._serialized_start=393
+  _globals['_LISTMODELSREQUEST']._serialized_end=475
+  _globals['_LISTMODELSRESPONSE']._serialized_start=477
+  _globals['_LISTMODELSRESPONSE']._serialized_end=563
+  _globals['_CREATEQUOTEREQUEST']._serialized_start=565
+  _globals['_CREATEQUOTEREQUEST']._serialized_end=631
+  _globals['_GETQUOTEREQUEST']._serialized_start=633
+  _globals['_GETQUOTEREQUEST']._serialized_end=702
+  _globals['_GENERATEREQUEST']._serialized_start=705
+  _globals['_GENERATEREQUEST']._serialized_end=1002
+  _globals['_GENERATERESPONSE']._serialized_start=1005
+  _globals['_GENERATERESPONSE']._serialized_end=1224
+  _globals['_QUEUEPOSITION']._serialized_start=1226
+  _globals['_QUEUEPOSITION']._serialized_end=1310
+  _globals['_TOKENDELTA']._serialized_start=1312
+  _globals['_TOKENDELTA']._serialized_end=1375
+  _globals['_GENERATEEND']._serialized_start=1378
+  _globals['_GENERATEEND']._serialized_end=1642
+  _globals['_CREATEJOBREQUEST']._serialized_start=1644
+  _globals['_CREATEJOBREQUEST']._serialized_end=1724
+  _globals['_GETJOBREQUEST']._serialized_start=1726
+  _globals['_GETJOBREQUEST']._serialized_end=1791
+  _globals['_LISTJOBSREQUEST']._serialized_start=1794
+  _globals['_LISTJOBSREQUEST']._serialized_end=1958
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1960
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2040
+  _globals['_CANCELJOBREQUEST']._serialized_start=2042
+  _globals['_CANCELJOBREQUEST']._serialized_end=2110
+  _globals['_STREAMJOBREQUEST']._serialized_start=2112
+  _globals['_STREAMJOBREQUEST']._serialized_end=2201
+  _globals['_INFERENCESERVICE']._serialized_start=2204
+  _globals['_INFERENCESERVICE']._serialized_end=3364
 # @@protoc_insertion_point(module_scope)

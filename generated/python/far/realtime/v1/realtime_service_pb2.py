@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from far.api.v1 import access_pb2 as far_dot_api_dot_v1_dot_access__pb2
 from far.realtime.v1 import event_pb2 as far_dot_realtime_dot_v1_dot_event__pb2
 from far.realtime.v1 import presence_pb2 as far_dot_realtime_dot_v1_dot_presence__pb2
 from far.realtime.v1 import subscription_pb2 as far_dot_realtime_dot_v1_dot_subscription__pb2
@@ -36,7 +37,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&far/realtime/v1/realtime_service.proto\x12\x0f\x66\x61r.realtime.v1\x1a\x1b\x66\x61r/realtime/v1/event.proto\x1a\x1e\x66\x61r/realtime/v1/presence.proto\x1a\"far/realtime/v1/subscription.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xca\x01\n\x10SubscribeRequest\x12,\n\x06topics\x18\x01 \x03(\x0b\x32\x1c.far.realtime.v1.TopicCursor\x12<\n\x0csubscription\x18\x02 \x01(\tB&\xfa\x41#\n!realtime.far.network/Subscription\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xd7\x01\n\x11SubscribeResponse\x12\x30\n\x05ready\x18\x01 \x01(\x0b\x32\x1f.far.realtime.v1.SubscribeReadyH\x00\x12\'\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x16.far.realtime.v1.EventH\x00\x12/\n\theartbeat\x18\x03 \x01(\x0b\x32\x1a.far.realtime.v1.HeartbeatH\x00\x12.\n\x05\x66inal\x18\x04 \x01(\x0b\x32\x1d.far.realtime.v1.SubscribeEndH\x00\x42\x06\n\x04kind\">\n\x0eSubscribeReady\x12,\n\x06topics\x18\x01 \x03(\x0b\x32\x1c.far.realtime.v1.TopicStatus\"w\n\x0bTopicStatus\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x15\n\rresume_offset\x18\x02 \x01(\t\x12\x15\n\roldest_offset\x18\x03 \x01(\t\x12\x15\n\rlatest_offset\x18\x04 \x01(\t\x12\x14\n\x0chistory_lost\x18\x05 \x01(\x08\"5\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdb\x02\n\x0cSubscribeEnd\x12\x34\n\x06reason\x18\x01 \x01(\x0e\x32$.far.realtime.v1.SubscribeEnd.Reason\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12-\n\x07\x63ursors\x18\x03 \x03(\x0b\x32\x1c.far.realtime.v1.TopicCursor\"\xc2\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16REASON_SERVER_SHUTDOWN\x10\x01\x12\x17\n\x13REASON_MAX_DURATION\x10\x02\x12\x18\n\x14REASON_SLOW_CONSUMER\x10\x03\x12\x1e\n\x1aREASON_CREDENTIALS_EXPIRED\x10\x04\x12\x1f\n\x1bREASON_SUBSCRIPTION_CHANGED\x10\x05\x12\x10\n\x0cREASON_ERROR\x10\x06\"\x86\x01\n\x0ePublishRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xc3\x01\n\x11ListEventsRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\x12\x1arealtime.far.network/Event\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x14\n\x0c\x61\x66ter_offset\x18\x04 \x01(\t\x12\x15\n\rbefore_offset\x18\x05 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x06 \x03(\t\x12\x10\n\x08order_by\x18\x07 \x01(\t\"U\n\x12ListEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.far.realtime.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"o\n\x19\x43reateSubscriptionRequest\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x39\n\x0csubscription\x18\x02 \x01(\x0b\x32\x1d.far.realtime.v1.SubscriptionB\x04\xe2\x41\x01\x02\"R\n\x16GetSubscriptionRequest\x12\x38\n\x04name\x18\x01 \x01(\tB*\xe2\x41\x01\x02\xfa\x41#\n!realtime.far.network/Subscription\"P\n\x18ListSubscriptionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"j\n\x19ListSubscriptionsResponse\x12\x34\n\rsubscriptions\x18\x01 \x03(\x0b\x32\x1d.far.realtime.v1.Subscription\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x01\n\x19UpdateSubscriptionRequest\x12\x39\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1d.far.realtime.v1.SubscriptionB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"U\n\x19\x44\x65leteSubscriptionRequest\x12\x38\n\x04name\x18\x01 \x01(\tB*\xe2\x41\x01\x02\xfa\x41#\n!realtime.far.network/Subscription\"\xd3\x01\n\x12SetPresenceRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1drealtime.far.network/Presence\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32%.far.realtime.v1.PresenceMember.State\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"J\n\x12GetPresenceRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1drealtime.far.network/Presence\"L\n\x14\x43learPresenceRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1drealtime.far.network/Presence2\xa9\x0b\n\x0fRealtimeService\x12\xa8\x01\n\tSubscribe\x12!.far.realtime.v1.SubscribeRequest\x1a\".far.realtime.v1.SubscribeResponse\"R\x82\xd3\xe4\x93\x02L\"\x14/v1/topics:subscribe:\x01*Z1\",/v1/{subscription=subscriptions/*}:subscribe:\x01*0\x01\x12\x44\n\x07Publish\x12\x1f.far.realtime.v1.PublishRequest\x1a\x16.far.realtime.v1.Event\"\x00\x12~\n\nListEvents\x12\".far.realtime.v1.ListEventsRequest\x1a#.far.realtime.v1.ListEventsResponse\"\'\x90\x02\x01\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{parent=topics/*}/events\x12\x88\x01\n\x12\x43reateSubscription\x12*.far.realtime.v1.CreateSubscriptionRequest\x1a\x1d.far.realtime.v1.Subscription\"\'\x82\xd3\xe4\x93\x02!\"\x11/v1/subscriptions:\x0csubscription\x12\x80\x01\n\x0fGetSubscription\x12\'.far.realtime.v1.GetSubscriptionRequest\x1a\x1d.far.realtime.v1.Subscription\"%\x90\x02\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/{name=subscriptions/*}\x12\x88\x01\n\x11ListSubscriptions\x12).far.realtime.v1.ListSubscriptionsRequest\x1a*.far.realtime.v1.ListSubscriptionsResponse\"\x1c\x90\x02\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/subscriptions\x12\x93\x01\n\x12UpdateSubscription\x12*.far.realtime.v1.UpdateSubscriptionRequest\x1a\x1d.far.realtime.v1.Subscription\"2\x82\xd3\xe4\x93\x02,2\'/v1/{subscription.name=subscriptions/*}:\x01*\x12|\n\x12\x44\x65leteSubscription\x12*.far.realtime.v1.DeleteSubscriptionRequest\x1a\x16.google.protobuf.Empty\"\"\x82\xd3\xe4\x93\x02\x1c*\x1a/v1/{name=subscriptions/*}\x12\x80\x01\n\x0bSetPresence\x12#.far.realtime.v1.SetPresenceRequest\x1a\x1f.far.realtime.v1.PresenceMember\"+\x82\xd3\xe4\x93\x02%\" /v1/{name=topics/*/presence}:set:\x01*\x12v\n\x0bGetPresence\x12#.far.realtime.v1.GetPresenceRequest\x1a\x19.far.realtime.v1.Presence\"\'\x90\x02\x01\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{name=topics/*/presence}\x12}\n\rClearPresence\x12%.far.realtime.v1.ClearPresenceRequest\x1a\x16.google.protobuf.Empty\"-\x82\xd3\xe4\x93\x02\'\"\"/v1/{name=topics/*/presence}:clear:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&far/realtime/v1/realtime_service.proto\x12\x0f\x66\x61r.realtime.v1\x1a\x17\x66\x61r/api/v1/access.proto\x1a\x1b\x66\x61r/realtime/v1/event.proto\x1a\x1e\x66\x61r/realtime/v1/presence.proto\x1a\"far/realtime/v1/subscription.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xca\x01\n\x10SubscribeRequest\x12,\n\x06topics\x18\x01 \x03(\x0b\x32\x1c.far.realtime.v1.TopicCursor\x12<\n\x0csubscription\x18\x02 \x01(\tB&\xfa\x41#\n!realtime.far.network/Subscription\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xd7\x01\n\x11SubscribeResponse\x12\x30\n\x05ready\x18\x01 \x01(\x0b\x32\x1f.far.realtime.v1.SubscribeReadyH\x00\x12\'\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x16.far.realtime.v1.EventH\x00\x12/\n\theartbeat\x18\x03 \x01(\x0b\x32\x1a.far.realtime.v1.HeartbeatH\x00\x12.\n\x05\x66inal\x18\x04 \x01(\x0b\x32\x1d.far.realtime.v1.SubscribeEndH\x00\x42\x06\n\x04kind\">\n\x0eSubscribeReady\x12,\n\x06topics\x18\x01 \x03(\x0b\x32\x1c.far.realtime.v1.TopicStatus\"w\n\x0bTopicStatus\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x15\n\rresume_offset\x18\x02 \x01(\t\x12\x15\n\roldest_offset\x18\x03 \x01(\t\x12\x15\n\rlatest_offset\x18\x04 \x01(\t\x12\x14\n\x0chistory_lost\x18\x05 \x01(\x08\"5\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdb\x02\n\x0cSubscribeEnd\x12\x34\n\x06reason\x18\x01 \x01(\x0e\x32$.far.realtime.v1.SubscribeEnd.Reason\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12-\n\x07\x63ursors\x18\x03 \x03(\x0b\x32\x1c.far.realtime.v1.TopicCursor\"\xc2\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16REASON_SERVER_SHUTDOWN\x10\x01\x12\x17\n\x13REASON_MAX_DURATION\x10\x02\x12\x18\n\x14REASON_SLOW_CONSUMER\x10\x03\x12\x1e\n\x1aREASON_CREDENTIALS_EXPIRED\x10\x04\x12\x1f\n\x1bREASON_SUBSCRIPTION_CHANGED\x10\x05\x12\x10\n\x0cREASON_ERROR\x10\x06\"\x86\x01\n\x0ePublishRequest\x12\x13\n\x05topic\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04type\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xc3\x01\n\x11ListEventsRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\x12\x1arealtime.far.network/Event\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x14\n\x0c\x61\x66ter_offset\x18\x04 \x01(\t\x12\x15\n\rbefore_offset\x18\x05 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x06 \x03(\t\x12\x10\n\x08order_by\x18\x07 \x01(\t\"U\n\x12ListEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.far.realtime.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"o\n\x19\x43reateSubscriptionRequest\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x39\n\x0csubscription\x18\x02 \x01(\x0b\x32\x1d.far.realtime.v1.SubscriptionB\x04\xe2\x41\x01\x02\"R\n\x16GetSubscriptionRequest\x12\x38\n\x04name\x18\x01 \x01(\tB*\xe2\x41\x01\x02\xfa\x41#\n!realtime.far.network/Subscription\"P\n\x18ListSubscriptionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"j\n\x19ListSubscriptionsResponse\x12\x34\n\rsubscriptions\x18\x01 \x03(\x0b\x32\x1d.far.realtime.v1.Subscription\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x01\n\x19UpdateSubscriptionRequest\x12\x39\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1d.far.realtime.v1.SubscriptionB\x04\xe2\x41\x01\x02\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"U\n\x19\x44\x65leteSubscriptionRequest\x12\x38\n\x04name\x18\x01 \x01(\tB*\xe2\x41\x01\x02\xfa\x41#\n!realtime.far.network/Subscription\"\xd3\x01\n\x12SetPresenceRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1drealtime.far.network/Presence\x12\x34\n\x05state\x18\x02 \x01(\x0e\x32%.far.realtime.v1.PresenceMember.State\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"J\n\x12GetPresenceRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1drealtime.far.network/Presence\"L\n\x14\x43learPresenceRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1drealtime.far.network/Presence2\xee\x0b\n\x0fRealtimeService\x12\xae\x01\n\tSubscribe\x12!.far.realtime.v1.SubscribeRequest\x1a\".far.realtime.v1.SubscribeResponse\"X\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02L\"\x14/v1/topics:subscribe:\x01*Z1\",/v1/{subscription=subscriptions/*}:subscribe:\x01*0\x01\x12J\n\x07Publish\x12\x1f.far.realtime.v1.PublishRequest\x1a\x16.far.realtime.v1.Event\"\x06\xa2\xbb\x18\x02\x08\x05\x12\x84\x01\n\nListEvents\x12\".far.realtime.v1.ListEventsRequest\x1a#.far.realtime.v1.ListEventsResponse\"-\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{parent=topics/*}/events\x12\x8e\x01\n\x12\x43reateSubscription\x12*.far.realtime.v1.CreateSubscriptionRequest\x1a\x1d.far.realtime.v1.Subscription\"-\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02!\"\x11/v1/subscriptions:\x0csubscription\x12\x86\x01\n\x0fGetSubscription\x12\'.far.realtime.v1.GetSubscriptionRequest\x1a\x1d.far.realtime.v1.Subscription\"+\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/{name=subscriptions/*}\x12\x8e\x01\n\x11ListSubscriptions\x12).far.realtime.v1.ListSubscriptionsRequest\x1a*.far.realtime.v1.ListSubscriptionsResponse\"\"\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/subscriptions\x12\x99\x01\n\x12UpdateSubscription\x12*.far.realtime.v1.UpdateSubscriptionRequest\x1a\x1d.far.realtime.v1.Subscription\"8\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02,2\'/v1/{subscription.name=subscriptions/*}:\x01*\x12\x82\x01\n\x12\x44\x65leteSubscription\x12*.far.realtime.v1.DeleteSubscriptionRequest\x1a\x16.google.protobuf.Empty\"(\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1c*\x1a/v1/{name=subscriptions/*}\x12\x86\x01\n\x0bSetPresence\x12#.far.realtime.v1.SetPresenceRequest\x1a\x1f.far.realtime.v1.PresenceMember\"1\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02%\" /v1/{name=topics/*/presence}:set:\x01*\x12|\n\x0bGetPresence\x12#.far.realtime.v1.GetPresenceRequest\x1a\x19.far.realtime.v1.Presence\"-\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{name=topics/*/presence}\x12\x83\x01\n\rClearPresence\x12%.far.realtime.v1.ClearPresenceRequest\x1a\x16.google.protobuf.Empty\"3\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\'\"\"/v1/{name=topics/*/presence}:clear:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -66,63 +67,65 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLEARPRESENCEREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_CLEARPRESENCEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\037\n\035realtime.far.network/Presence'
   _globals['_REALTIMESERVICE'].methods_by_name['Subscribe']._loaded_options = None
-  _globals['_REALTIMESERVICE'].methods_by_name['Subscribe']._serialized_options = b'\202\323\344\223\002L\"\024/v1/topics:subscribe:\001*Z1\",/v1/{subscription=subscriptions/*}:subscribe:\001*'
+  _globals['_REALTIMESERVICE'].methods_by_name['Subscribe']._serialized_options = b'\242\273\030\002\010\001\202\323\344\223\002L\"\024/v1/topics:subscribe:\001*Z1\",/v1/{subscription=subscriptions/*}:subscribe:\001*'
+  _globals['_REALTIMESERVICE'].methods_by_name['Publish']._loaded_options = None
+  _globals['_REALTIMESERVICE'].methods_by_name['Publish']._serialized_options = b'\242\273\030\002\010\005'
   _globals['_REALTIMESERVICE'].methods_by_name['ListEvents']._loaded_options = None
-  _globals['_REALTIMESERVICE'].methods_by_name['ListEvents']._serialized_options = b'\220\002\001\202\323\344\223\002\036\022\034/v1/{parent=topics/*}/events'
+  _globals['_REALTIMESERVICE'].methods_by_name['ListEvents']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\036\022\034/v1/{parent=topics/*}/events'
   _globals['_REALTIMESERVICE'].methods_by_name['CreateSubscription']._loaded_options = None
-  _globals['_REALTIMESERVICE'].methods_by_name['CreateSubscription']._serialized_options = b'\202\323\344\223\002!\"\021/v1/subscriptions:\014subscription'
+  _globals['_REALTIMESERVICE'].methods_by_name['CreateSubscription']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002!\"\021/v1/subscriptions:\014subscription'
   _globals['_REALTIMESERVICE'].methods_by_name['GetSubscription']._loaded_options = None
-  _globals['_REALTIMESERVICE'].methods_by_name['GetSubscription']._serialized_options = b'\220\002\001\202\323\344\223\002\034\022\032/v1/{name=subscriptions/*}'
+  _globals['_REALTIMESERVICE'].methods_by_name['GetSubscription']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\034\022\032/v1/{name=subscriptions/*}'
   _globals['_REALTIMESERVICE'].methods_by_name['ListSubscriptions']._loaded_options = None
-  _globals['_REALTIMESERVICE'].methods_by_name['ListSubscriptions']._serialized_options = b'\220\002\001\202\323\344\223\002\023\022\021/v1/subscriptions'
+  _globals['_REALTIMESERVICE'].methods_by_name['ListSubscriptions']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002\023\022\021/v1/subscriptions'
   _globals['_REALTIMESERVICE'].methods_by_name['UpdateSubscription']._loaded_options = None
-  _globals['_REALTIMESERVICE'].methods_by_name['UpdateSubscription']._serialized_options = b'\202\323\344\223\002,2\'/v1/{subscription.name=subscriptions/*}:\001*'
+  _globals['_REALTIMESERVICE'].methods_by_name['UpdateSubscription']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002,2\'/v1/{subscription.name=subscriptions/*}:\001*'
   _globals['_REALTIMESERVICE'].methods_by_name['DeleteSubscription']._loaded_options = None
-  _globals['_REALTIMESERVICE'].methods_by_name['DeleteSubscription']._serialized_options = b'\202\323\344\223\002\034*\032/v1/{name=subscriptions/*}'
+  _globals['_REALTIMESERVICE'].methods_by_name['DeleteSubscription']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\034*\032/v1/{name=subscriptions/*}'
   _globals['_REALTIMESERVICE'].methods_by_name['SetPresence']._loaded_options = None
-  _globals['_REALTIMESERVICE'].methods_by_name['SetPresence']._serialized_options = b'\202\323\344\223\002%\" /v1/{name=topics/*/presence}:set:\001*'
+  _globals['_REALTIMESERVICE'].methods_by_name['SetPresence']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002%\" /v1/{name=topics/*/presence}:set:\001*'
   _globals['_REALTIMESERVICE'].methods_by_name['GetPresence']._loaded_options = None
-  _globals['_REALTIMESERVICE'].methods_by_name['GetPresence']._serialized_options = b'\220\002\001\202\323\344\223\002\036\022\034/v1/{name=topics/*/presence}'
+  _globals['_REALTIMESERVICE'].methods_by_name['GetPresence']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\036\022\034/v1/{name=topics/*/presence}'
   _globals['_REALTIMESERVICE'].methods_by_name['ClearPresence']._loaded_options = None
-  _globals['_REALTIMESERVICE'].methods_by_name['ClearPresence']._serialized_options = b'\202\323\344\223\002\'\"\"/v1/{name=topics/*/presence}:clear:\001*'
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=430
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=632
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=635
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=850
-  _globals['_SUBSCRIBEREADY']._serialized_start=852
-  _globals['_SUBSCRIBEREADY']._serialized_end=914
-  _globals['_TOPICSTATUS']._serialized_start=916
-  _globals['_TOPICSTATUS']._serialized_end=1035
-  _globals['_HEARTBEAT']._serialized_start=1037
-  _globals['_HEARTBEAT']._serialized_end=1090
-  _globals['_SUBSCRIBEEND']._serialized_start=1093
-  _globals['_SUBSCRIBEEND']._serialized_end=1440
-  _globals['_SUBSCRIBEEND_REASON']._serialized_start=1246
-  _globals['_SUBSCRIBEEND_REASON']._serialized_end=1440
-  _globals['_PUBLISHREQUEST']._serialized_start=1443
-  _globals['_PUBLISHREQUEST']._serialized_end=1577
-  _globals['_LISTEVENTSREQUEST']._serialized_start=1580
-  _globals['_LISTEVENTSREQUEST']._serialized_end=1775
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=1777
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=1862
-  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_start=1864
-  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_end=1975
-  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_start=1977
-  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_end=2059
-  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_start=2061
-  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_end=2141
-  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_start=2143
-  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_end=2249
-  _globals['_UPDATESUBSCRIPTIONREQUEST']._serialized_start=2252
-  _globals['_UPDATESUBSCRIPTIONREQUEST']._serialized_end=2387
-  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_start=2389
-  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_end=2474
-  _globals['_SETPRESENCEREQUEST']._serialized_start=2477
-  _globals['_SETPRESENCEREQUEST']._serialized_end=2688
-  _globals['_GETPRESENCEREQUEST']._serialized_start=2690
-  _globals['_GETPRESENCEREQUEST']._serialized_end=2764
-  _globals['_CLEARPRESENCEREQUEST']._serialized_start=2766
-  _globals['_CLEARPRESENCEREQUEST']._serialized_end=2842
-  _globals['_REALTIMESERVICE']._serialized_start=2845
-  _globals['_REALTIMESERVICE']._serialized_end=4294
+  _globals['_REALTIMESERVICE'].methods_by_name['ClearPresence']._serialized_options = b'\242\273\030\002\010\002\202\323\344\223\002\'\"\"/v1/{name=topics/*/presence}:clear:\001*'
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=455
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=657
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=660
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=875
+  _globals['_SUBSCRIBEREADY']._serialized_start=877
+  _globals['_SUBSCRIBEREADY']._serialized_end=939
+  _globals['_TOPICSTATUS']._serialized_start=941
+  _globals['_TOPICSTATUS']._serialized_end=1060
+  _globals['_HEARTBEAT']._serialized_start=1062
+  _globals['_HEARTBEAT']._serialized_end=1115
+  _globals['_SUBSCRIBEEND']._serialized_start=1118
+  _globals['_SUBSCRIBEEND']._serialized_end=1465
+  _globals['_SUBSCRIBEEND_REASON']._serialized_start=1271
+  _globals['_SUBSCRIBEEND_REASON']._serialized_end=1465
+  _globals['_PUBLISHREQUEST']._serialized_start=1468
+  _globals['_PUBLISHREQUEST']._serialized_end=1602
+  _globals['_LISTEVENTSREQUEST']._serialized_start=1605
+  _globals['_LISTEVENTSREQUEST']._serialized_end=1800
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=1802
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=1887
+  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_start=1889
+  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_end=2000
+  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_start=2002
+  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_end=2084
+  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_start=2086
+  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_end=2166
+  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_start=2168
+  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_end=2274
+  _globals['_UPDATESUBSCRIPTIONREQUEST']._serialized_start=2277
+  _globals['_UPDATESUBSCRIPTIONREQUEST']._serialized_end=2412
+  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_start=2414
+  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_end=2499
+  _globals['_SETPRESENCEREQUEST']._serialized_start=2502
+  _globals['_SETPRESENCEREQUEST']._serialized_end=2713
+  _globals['_GETPRESENCEREQUEST']._serialized_start=2715
+  _globals['_GETPRESENCEREQUEST']._serialized_end=2789
+  _globals['_CLEARPRESENCEREQUEST']._serialized_start=2791
+  _globals['_CLEARPRESENCEREQUEST']._serialized_end=2867
+  _globals['_REALTIMESERVICE']._serialized_start=2870
+  _globals['_REALTIMESERVICE']._serialized_end=4388
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from far.api.v1 import access_pb2 as far_dot_api_dot_v1_dot_access__pb2
 from far.staking.v1 import metrics_pb2 as far_dot_staking_dot_v1_dot_metrics__pb2
 from far.staking.v1 import position_pb2 as far_dot_staking_dot_v1_dot_position__pb2
 from far.staking.v1 import reward_schedule_pb2 as far_dot_staking_dot_v1_dot_reward__schedule__pb2
@@ -32,7 +33,7 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$far/staking/v1/staking_service.proto\x12\x0e\x66\x61r.staking.v1\x1a\x1c\x66\x61r/staking/v1/metrics.proto\x1a\x1d\x66\x61r/staking/v1/position.proto\x1a$far/staking/v1/reward_schedule.proto\x1a!far/staking/v1/staking_pool.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"O\n\x15GetStakingPoolRequest\x12\x36\n\x04name\x18\x01 \x01(\tB(\xe2\x41\x01\x02\xfa\x41!\n\x1fstaking.far.network/StakingPool\"@\n\x17ListStakingPoolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"g\n\x18ListStakingPoolsResponse\x12\x32\n\rstaking_pools\x18\x01 \x03(\x0b\x32\x1b.far.staking.v1.StakingPool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x11GetMetricsRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1bstaking.far.network/Metrics\"\xa2\x02\n\x1aListMetricSnapshotsRequest\x12\x38\n\x06parent\x18\x01 \x01(\tB(\xe2\x41\x01\x02\xfa\x41!\n\x1fstaking.far.network/StakingPool\x12?\n\x08interval\x18\x02 \x01(\x0e\x32\'.far.staking.v1.MetricSnapshot.IntervalB\x04\xe2\x41\x01\x02\x12\x34\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"p\n\x1bListMetricSnapshotsResponse\x12\x38\n\x10metric_snapshots\x18\x01 \x03(\x0b\x32\x1e.far.staking.v1.MetricSnapshot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"U\n\x18GetRewardScheduleRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"staking.far.network/RewardSchedule\"\xb2\x01\n\x1aListRewardSchedulesRequest\x12\x38\n\x06parent\x18\x01 \x01(\tB(\xe2\x41\x01\x02\xfa\x41!\n\x1fstaking.far.network/StakingPool\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x33\n\x05state\x18\x04 \x01(\x0e\x32$.far.staking.v1.RewardSchedule.State\"p\n\x1bListRewardSchedulesResponse\x12\x38\n\x10reward_schedules\x18\x01 \x03(\x0b\x32\x1e.far.staking.v1.RewardSchedule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x12GetPositionRequest\x12\x33\n\x04name\x18\x01 \x01(\tB%\xe2\x41\x01\x02\xfa\x41\x1e\n\x1cstaking.far.network/Position\"p\n\x14ListPositionsRequest\x12\x31\n\x06parent\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x61uth.far.network/Account\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x15ListPositionsResponse\x12+\n\tpositions\x18\x01 \x03(\x0b\x32\x18.far.staking.v1.Position\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xfb\x08\n\x0eStakingService\x12z\n\x0eGetStakingPool\x12%.far.staking.v1.GetStakingPoolRequest\x1a\x1b.far.staking.v1.StakingPool\"$\x90\x02\x01\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/{name=stakingPools/*}\x12\x82\x01\n\x10ListStakingPools\x12\'.far.staking.v1.ListStakingPoolsRequest\x1a(.far.staking.v1.ListStakingPoolsResponse\"\x1b\x90\x02\x01\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/stakingPools\x12v\n\nGetMetrics\x12!.far.staking.v1.GetMetricsRequest\x1a\x17.far.staking.v1.Metrics\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\x12!/v1/{name=stakingPools/*/metrics}\x12\xa6\x01\n\x13ListMetricSnapshots\x12*.far.staking.v1.ListMetricSnapshotsRequest\x1a+.far.staking.v1.ListMetricSnapshotsResponse\"6\x90\x02\x01\x82\xd3\xe4\x93\x02-\x12+/v1/{parent=stakingPools/*}/metricSnapshots\x12\x95\x01\n\x11GetRewardSchedule\x12(.far.staking.v1.GetRewardScheduleRequest\x1a\x1e.far.staking.v1.RewardSchedule\"6\x90\x02\x01\x82\xd3\xe4\x93\x02-\x12+/v1/{name=stakingPools/*/rewardSchedules/*}\x12\xa6\x01\n\x13ListRewardSchedules\x12*.far.staking.v1.ListRewardSchedulesRequest\x1a+.far.staking.v1.ListRewardSchedulesResponse\"6\x90\x02\x01\x82\xd3\xe4\x93\x02-\x12+/v1/{parent=stakingPools/*}/rewardSchedules\x12y\n\x0bGetPosition\x12\".far.staking.v1.GetPositionRequest\x1a\x18.far.staking.v1.Position\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\x12!/v1/{name=accounts/*/positions/*}\x12\x8a\x01\n\rListPositions\x12$.far.staking.v1.ListPositionsRequest\x1a%.far.staking.v1.ListPositionsResponse\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\x12!/v1/{parent=accounts/*}/positionsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$far/staking/v1/staking_service.proto\x12\x0e\x66\x61r.staking.v1\x1a\x17\x66\x61r/api/v1/access.proto\x1a\x1c\x66\x61r/staking/v1/metrics.proto\x1a\x1d\x66\x61r/staking/v1/position.proto\x1a$far/staking/v1/reward_schedule.proto\x1a!far/staking/v1/staking_pool.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"O\n\x15GetStakingPoolRequest\x12\x36\n\x04name\x18\x01 \x01(\tB(\xe2\x41\x01\x02\xfa\x41!\n\x1fstaking.far.network/StakingPool\"@\n\x17ListStakingPoolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"g\n\x18ListStakingPoolsResponse\x12\x32\n\rstaking_pools\x18\x01 \x03(\x0b\x32\x1b.far.staking.v1.StakingPool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x11GetMetricsRequest\x12\x32\n\x04name\x18\x01 \x01(\tB$\xe2\x41\x01\x02\xfa\x41\x1d\n\x1bstaking.far.network/Metrics\"\xa2\x02\n\x1aListMetricSnapshotsRequest\x12\x38\n\x06parent\x18\x01 \x01(\tB(\xe2\x41\x01\x02\xfa\x41!\n\x1fstaking.far.network/StakingPool\x12?\n\x08interval\x18\x02 \x01(\x0e\x32\'.far.staking.v1.MetricSnapshot.IntervalB\x04\xe2\x41\x01\x02\x12\x34\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x02\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"p\n\x1bListMetricSnapshotsResponse\x12\x38\n\x10metric_snapshots\x18\x01 \x03(\x0b\x32\x1e.far.staking.v1.MetricSnapshot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"U\n\x18GetRewardScheduleRequest\x12\x39\n\x04name\x18\x01 \x01(\tB+\xe2\x41\x01\x02\xfa\x41$\n\"staking.far.network/RewardSchedule\"\xb2\x01\n\x1aListRewardSchedulesRequest\x12\x38\n\x06parent\x18\x01 \x01(\tB(\xe2\x41\x01\x02\xfa\x41!\n\x1fstaking.far.network/StakingPool\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x33\n\x05state\x18\x04 \x01(\x0e\x32$.far.staking.v1.RewardSchedule.State\"p\n\x1bListRewardSchedulesResponse\x12\x38\n\x10reward_schedules\x18\x01 \x03(\x0b\x32\x1e.far.staking.v1.RewardSchedule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x12GetPositionRequest\x12\x33\n\x04name\x18\x01 \x01(\tB%\xe2\x41\x01\x02\xfa\x41\x1e\n\x1cstaking.far.network/Position\"p\n\x14ListPositionsRequest\x12\x31\n\x06parent\x18\x01 \x01(\tB!\xe2\x41\x01\x02\xfa\x41\x1a\n\x18\x61uth.far.network/Account\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x15ListPositionsResponse\x12+\n\tpositions\x18\x01 \x03(\x0b\x32\x18.far.staking.v1.Position\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xac\t\n\x0eStakingService\x12\x80\x01\n\x0eGetStakingPool\x12%.far.staking.v1.GetStakingPoolRequest\x1a\x1b.far.staking.v1.StakingPool\"*\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/{name=stakingPools/*}\x12\x88\x01\n\x10ListStakingPools\x12\'.far.staking.v1.ListStakingPoolsRequest\x1a(.far.staking.v1.ListStakingPoolsResponse\"!\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/stakingPools\x12|\n\nGetMetrics\x12!.far.staking.v1.GetMetricsRequest\x1a\x17.far.staking.v1.Metrics\"2\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02#\x12!/v1/{name=stakingPools/*/metrics}\x12\xac\x01\n\x13ListMetricSnapshots\x12*.far.staking.v1.ListMetricSnapshotsRequest\x1a+.far.staking.v1.ListMetricSnapshotsResponse\"<\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02-\x12+/v1/{parent=stakingPools/*}/metricSnapshots\x12\x9b\x01\n\x11GetRewardSchedule\x12(.far.staking.v1.GetRewardScheduleRequest\x1a\x1e.far.staking.v1.RewardSchedule\"<\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02-\x12+/v1/{name=stakingPools/*/rewardSchedules/*}\x12\xac\x01\n\x13ListRewardSchedules\x12*.far.staking.v1.ListRewardSchedulesRequest\x1a+.far.staking.v1.ListRewardSchedulesResponse\"<\x90\x02\x01\xa2\xbb\x18\x02\x08\x01\x82\xd3\xe4\x93\x02-\x12+/v1/{parent=stakingPools/*}/rewardSchedules\x12\x7f\n\x0bGetPosition\x12\".far.staking.v1.GetPositionRequest\x1a\x18.far.staking.v1.Position\"2\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02#\x12!/v1/{name=accounts/*/positions/*}\x12\x90\x01\n\rListPositions\x12$.far.staking.v1.ListPositionsRequest\x1a%.far.staking.v1.ListPositionsResponse\"2\x90\x02\x01\xa2\xbb\x18\x02\x08\x02\x82\xd3\xe4\x93\x02#\x12!/v1/{parent=accounts/*}/positionsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -58,45 +59,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTPOSITIONSREQUEST'].fields_by_name['parent']._loaded_options = None
   _globals['_LISTPOSITIONSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\032\n\030auth.far.network/Account'
   _globals['_STAKINGSERVICE'].methods_by_name['GetStakingPool']._loaded_options = None
-  _globals['_STAKINGSERVICE'].methods_by_name['GetStakingPool']._serialized_options = b'\220\002\001\202\323\344\223\002\033\022\031/v1/{name=stakingPools/*}'
+  _globals['_STAKINGSERVICE'].methods_by_name['GetStakingPool']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\033\022\031/v1/{name=stakingPools/*}'
   _globals['_STAKINGSERVICE'].methods_by_name['ListStakingPools']._loaded_options = None
-  _globals['_STAKINGSERVICE'].methods_by_name['ListStakingPools']._serialized_options = b'\220\002\001\202\323\344\223\002\022\022\020/v1/stakingPools'
+  _globals['_STAKINGSERVICE'].methods_by_name['ListStakingPools']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002\022\022\020/v1/stakingPools'
   _globals['_STAKINGSERVICE'].methods_by_name['GetMetrics']._loaded_options = None
-  _globals['_STAKINGSERVICE'].methods_by_name['GetMetrics']._serialized_options = b'\220\002\001\202\323\344\223\002#\022!/v1/{name=stakingPools/*/metrics}'
+  _globals['_STAKINGSERVICE'].methods_by_name['GetMetrics']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002#\022!/v1/{name=stakingPools/*/metrics}'
   _globals['_STAKINGSERVICE'].methods_by_name['ListMetricSnapshots']._loaded_options = None
-  _globals['_STAKINGSERVICE'].methods_by_name['ListMetricSnapshots']._serialized_options = b'\220\002\001\202\323\344\223\002-\022+/v1/{parent=stakingPools/*}/metricSnapshots'
+  _globals['_STAKINGSERVICE'].methods_by_name['ListMetricSnapshots']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002-\022+/v1/{parent=stakingPools/*}/metricSnapshots'
   _globals['_STAKINGSERVICE'].methods_by_name['GetRewardSchedule']._loaded_options = None
-  _globals['_STAKINGSERVICE'].methods_by_name['GetRewardSchedule']._serialized_options = b'\220\002\001\202\323\344\223\002-\022+/v1/{name=stakingPools/*/rewardSchedules/*}'
+  _globals['_STAKINGSERVICE'].methods_by_name['GetRewardSchedule']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002-\022+/v1/{name=stakingPools/*/rewardSchedules/*}'
   _globals['_STAKINGSERVICE'].methods_by_name['ListRewardSchedules']._loaded_options = None
-  _globals['_STAKINGSERVICE'].methods_by_name['ListRewardSchedules']._serialized_options = b'\220\002\001\202\323\344\223\002-\022+/v1/{parent=stakingPools/*}/rewardSchedules'
+  _globals['_STAKINGSERVICE'].methods_by_name['ListRewardSchedules']._serialized_options = b'\220\002\001\242\273\030\002\010\001\202\323\344\223\002-\022+/v1/{parent=stakingPools/*}/rewardSchedules'
   _globals['_STAKINGSERVICE'].methods_by_name['GetPosition']._loaded_options = None
-  _globals['_STAKINGSERVICE'].methods_by_name['GetPosition']._serialized_options = b'\220\002\001\202\323\344\223\002#\022!/v1/{name=accounts/*/positions/*}'
+  _globals['_STAKINGSERVICE'].methods_by_name['GetPosition']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002#\022!/v1/{name=accounts/*/positions/*}'
   _globals['_STAKINGSERVICE'].methods_by_name['ListPositions']._loaded_options = None
-  _globals['_STAKINGSERVICE'].methods_by_name['ListPositions']._serialized_options = b'\220\002\001\202\323\344\223\002#\022!/v1/{parent=accounts/*}/positions'
-  _globals['_GETSTAKINGPOOLREQUEST']._serialized_start=313
-  _globals['_GETSTAKINGPOOLREQUEST']._serialized_end=392
-  _globals['_LISTSTAKINGPOOLSREQUEST']._serialized_start=394
-  _globals['_LISTSTAKINGPOOLSREQUEST']._serialized_end=458
-  _globals['_LISTSTAKINGPOOLSRESPONSE']._serialized_start=460
-  _globals['_LISTSTAKINGPOOLSRESPONSE']._serialized_end=563
-  _globals['_GETMETRICSREQUEST']._serialized_start=565
-  _globals['_GETMETRICSREQUEST']._serialized_end=636
-  _globals['_LISTMETRICSNAPSHOTSREQUEST']._serialized_start=639
-  _globals['_LISTMETRICSNAPSHOTSREQUEST']._serialized_end=929
-  _globals['_LISTMETRICSNAPSHOTSRESPONSE']._serialized_start=931
-  _globals['_LISTMETRICSNAPSHOTSRESPONSE']._serialized_end=1043
-  _globals['_GETREWARDSCHEDULEREQUEST']._serialized_start=1045
-  _globals['_GETREWARDSCHEDULEREQUEST']._serialized_end=1130
-  _globals['_LISTREWARDSCHEDULESREQUEST']._serialized_start=1133
-  _globals['_LISTREWARDSCHEDULESREQUEST']._serialized_end=1311
-  _globals['_LISTREWARDSCHEDULESRESPONSE']._serialized_start=1313
-  _globals['_LISTREWARDSCHEDULESRESPONSE']._serialized_end=1425
-  _globals['_GETPOSITIONREQUEST']._serialized_start=1427
-  _globals['_GETPOSITIONREQUEST']._serialized_end=1500
-  _globals['_LISTPOSITIONSREQUEST']._serialized_start=1502
-  _globals['_LISTPOSITIONSREQUEST']._serialized_end=1614
-  _globals['_LISTPOSITIONSRESPONSE']._serialized_start=1616
-  _globals['_LISTPOSITIONSRESPONSE']._serialized_end=1709
-  _globals['_STAKINGSERVICE']._serialized_start=1712
-  _globals['_STAKINGSERVICE']._serialized_end=2859
+  _globals['_STAKINGSERVICE'].methods_by_name['ListPositions']._serialized_options = b'\220\002\001\242\273\030\002\010\002\202\323\344\223\002#\022!/v1/{parent=accounts/*}/positions'
+  _globals['_GETSTAKINGPOOLREQUEST']._serialized_start=338
+  _globals['_GETSTAKINGPOOLREQUEST']._serialized_end=417
+  _globals['_LISTSTAKINGPOOLSREQUEST']._serialized_start=419
+  _globals['_LISTSTAKINGPOOLSREQUEST']._serialized_end=483
+  _globals['_LISTSTAKINGPOOLSRESPONSE']._serialized_start=485
+  _globals['_LISTSTAKINGPOOLSRESPONSE']._serialized_end=588
+  _globals['_GETMETRICSREQUEST']._serialized_start=590
+  _globals['_GETMETRICSREQUEST']._serialized_end=661
+  _globals['_LISTMETRICSNAPSHOTSREQUEST']._serialized_start=664
+  _globals['_LISTMETRICSNAPSHOTSREQUEST']._serialized_end=954
+  _globals['_LISTMETRICSNAPSHOTSRESPONSE']._serialized_start=956
+  _globals['_LISTMETRICSNAPSHOTSRESPONSE']._serialized_end=1068
+  _globals['_GETREWARDSCHEDULEREQUEST']._serialized_start=1070
+  _globals['_GETREWARDSCHEDULEREQUEST']._serialized_end=1155
+  _globals['_LISTREWARDSCHEDULESREQUEST']._serialized_start=1158
+  _globals['_LISTREWARDSCHEDULESREQUEST']._serialized_end=1336
+  _globals['_LISTREWARDSCHEDULESRESPONSE']._serialized_start=1338
+  _globals['_LISTREWARDSCHEDULESRESPONSE']._serialized_end=1450
+  _globals['_GETPOSITIONREQUEST']._serialized_start=1452
+  _globals['_GETPOSITIONREQUEST']._serialized_end=1525
+  _globals['_LISTPOSITIONSREQUEST']._serialized_start=1527
+  _globals['_LISTPOSITIONSREQUEST']._serialized_end=1639
+  _globals['_LISTPOSITIONSRESPONSE']._serialized_start=1641
+  _globals['_LISTPOSITIONSRESPONSE']._serialized_end=1734
+  _globals['_STAKINGSERVICE']._serialized_start=1737
+  _globals['_STAKINGSERVICE']._serialized_end=2933
 # @@protoc_insertion_point(module_scope)
