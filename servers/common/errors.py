@@ -22,6 +22,8 @@ class DomainError(Exception):
     """An error the caller should see: a machine-readable `reason`, a message safe to show, metadata."""
 
     default_reason = "ERROR"
+    # When set, the status carries a google.rpc.RetryInfo: the caller may retry after this many seconds.
+    retry_after_s: float | None = None
 
     def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
         super().__init__(message)
@@ -133,7 +135,7 @@ def to_rpc_status(error: DomainError, domain: str) -> status_pb2.Status:
             ]
         )
         status.details.add().Pack(bad_request)
-    if isinstance(error, ResourceExhausted) and error.retry_after_s is not None:
+    if error.retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_s * 1e9))
         status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
