@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import secrets
 import signal
@@ -36,9 +35,12 @@ from typing import TYPE_CHECKING
 
 from devstack import catalog
 from devstack import envoy as envoy_config
-from devstack.processes import PortInUse, ProcessDied, require_free_ports
-from devstack.stack import EndpointRow, Stack, run_migrations, wait_healthy
+from devstack.processes import ManagedProcess, PortInUse, ProcessDied, require_free_ports
+from devstack.stack import EndpointRow, Stack, python_env, run_migrations, wait_healthy
 from servers.common.embedded import EmbeddedServer, EmbeddedStartError, ensure_redis, start_postgres
+
+# The chain event ingester: a process of its own, without gRPC (servers/ingest).
+INGEST = "ingest"
 
 if TYPE_CHECKING:
     from devstack.chain import DevChain
@@ -143,6 +145,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     embedded: list[EmbeddedServer] = []
     stack: Stack | None = None
     dev_chain: DevChain | None = None
+    ingester: ManagedProcess | None = None
     status = 0
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -192,12 +195,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         env.update(chain_env)
 
         names = [s.name for s in services]
-        if names and importlib.util.find_spec("servers.common.migrations") is None:
-            say("migrations: skipped (servers.common.migrations does not exist yet)")
-        elif names:
-            say(f"migrations: upgrading {', '.join(names)} ...")
-            run_migrations(names, env, log_path=log_dir / "migrations.log")
-            say(f"migrations: done (log {_rel(log_dir / 'migrations.log')})")
+        migrated = [*names, INGEST]
+        say(f"migrations: upgrading {', '.join(migrated)} ...")
+        run_migrations(migrated, env, log_path=log_dir / "migrations.log")
+        say(f"migrations: done (log {_rel(log_dir / 'migrations.log')})")
 
         stack = Stack(
             names,
@@ -214,6 +215,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         stack.start()
         health = wait_healthy(stack)
+        ingester = ManagedProcess(
+            INGEST,
+            [sys.executable, "-m", f"servers.{INGEST}"],
+            log_path=log_dir / f"{INGEST}.log",
+            env=python_env({**os.environ, **env}),
+            cwd=catalog.ROOT,
+        ).start()
+        say(f"{INGEST}: started (pid {ingester.pid}), following the contracts' events, log {_rel(ingester.log_path)}")
         say("all up")
         print()
         print(_table(stack.endpoint_rows(health), stack.envoy_http_url))
@@ -229,6 +238,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("\nCtrl-C stops everything.", flush=True)
         while True:
             stack.check_alive()
+            ingester.check()
             time.sleep(0.5)
     except _Interrupted as exc:
         print(flush=True)
@@ -242,6 +252,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, _still_stopping)
         signal.signal(signal.SIGTERM, _still_stopping)
+        if ingester is not None:
+            ingester.stop()
+            say(f"{INGEST}: stopped")
         if stack is not None:
             stack.stop()
             say("servers and Envoy stopped")

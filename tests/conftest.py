@@ -22,7 +22,7 @@ from servers.common.embedded import ensure_redis, start_postgres
 from servers.common.migrations import migrations_dir, upgrade
 
 RUN_ID = secrets.token_hex(4)
-SERVICES = ("auth", "inference", "realtime", "gaming", "desci", "gamed", "gpu", "staking")
+SERVICES = ("auth", "inference", "realtime", "gaming", "desci", "gamed", "gpu", "staking", "ingest")
 TEST_JWT_SECRET = "far-test-secret-" + "0123456789abcdef" * 2
 
 

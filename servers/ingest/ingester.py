@@ -85,7 +85,7 @@ published_events = Table(
 outbox = outbox_table(metadata)
 
 # Topic and events followed, per contract.
-TOPICS = {"InferencePayment": "chain.inference_payment", "Staking": "chain.staking"}
+TOPICS = {"FARToken": "chain.far_token", "InferencePayment": "chain.inference_payment", "Staking": "chain.staking"}
 
 
 def _hex(value: bytes | str) -> str:
@@ -101,6 +101,9 @@ def _seconds(value: int) -> Timestamp:
 
 
 _BUILDERS: dict[str, Callable[[Any], pb.ChainEvent]] = {
+    "Transfer": lambda a: pb.ChainEvent(
+        transfer=pb.Transfer(**{"from": str(a["from"]).lower()}, to=str(a["to"]).lower(), value=_far(a["value"]))
+    ),
     "PaymentReceived": lambda a: pb.ChainEvent(
         payment_received=pb.PaymentReceived(
             payment_job_id=_hex(a["jobId"]), payer=str(a["payer"]).lower(), amount=_far(a["amount"])
@@ -142,7 +145,7 @@ class ReorgInProgress(Exception):
 
 
 class Ingester:
-    """Ingests the InferencePayment and Staking events of one chain into the event bus."""
+    """Ingests the FARToken, InferencePayment and Staking events of one chain into the event bus."""
 
     def __init__(
         self,
@@ -162,7 +165,7 @@ class Ingester:
         self.start_block = start_block
         self.max_block_range = max_block_range
         self.retained_blocks = retained_blocks
-        contracts = {"InferencePayment": chain.inference_payment, "Staking": chain.staking}
+        contracts = {"FARToken": chain.token, "InferencePayment": chain.inference_payment, "Staking": chain.staking}
         self.addresses = [contract.address for contract in contracts.values()]
         self._decoders: dict[tuple[str, bytes], _Decoder] = {}
         for name, contract in contracts.items():

@@ -40,6 +40,7 @@ AMOUNT = TOKENS * PRICE
 JOB = job_key("01jd5m0qv3ingesttest")
 PAYMENTS = "chain.inference_payment"
 STAKING = "chain.staking"
+TOKEN = "chain.far_token"
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +203,28 @@ class TestIngester:
         assert kind2 == "reward_added"
         assert added.reward_added.reward.value == "1000000"
         assert added.reward_added.period_finish_time.seconds == contracts.staking.functions.periodFinish().call()
+
+    async def test_token_transfers(
+        self,
+        w3: Web3,
+        anvil: Anvil,
+        chain: Chain,
+        database: Database,
+        bus: EventBus,
+        contracts: Contracts,
+        owner: LocalAccount,
+        alice: LocalAccount,
+        start_block: int,
+    ) -> None:
+        receipt = transact(w3, alice, contracts.token.functions.transfer(owner.address, 7 * FAR))
+        anvil.rpc("anvil_mine", 2)
+        await drain(ingester(chain, database, start_block))
+        transfers = [m for kind, m in await events(bus, TOKEN) if kind == "transfer"]
+        (sent,) = [m for m in transfers if m.log.tx_hash == receipt["transactionHash"].to_0x_hex()]
+        assert getattr(sent.transfer, "from") == alice.address.lower()
+        assert sent.transfer.to == owner.address.lower()
+        assert (sent.transfer.value.value, sent.transfer.value.symbol) == (str(7 * FAR), "FAR")
+        assert sent.log.contract == contracts.token.address.lower()
 
     async def test_bounded_ranges_and_restarts(
         self,

@@ -99,6 +99,12 @@ def test_make_run_brings_the_platform_up_and_ctrl_c_stops_it(tmp_path: Path) -> 
         assert "wants you to sign in with your Ethereum account" in challenge.json()["message"]
         assert (run_dir / "chain" / "deployments.json").exists()
         assert (run_dir / "logs" / "gamed.log").exists()
+        # The chain event ingester follows the dev chain (its first steps publish the deployment's events).
+        assert "ingest: started" in output
+        deadline = time.monotonic() + 30
+        while "ingesting" not in (run_dir / "logs" / "ingest.log").read_text():
+            assert time.monotonic() < deadline, (run_dir / "logs" / "ingest.log").read_text()
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

@@ -26,7 +26,7 @@ from far.type.v1 import token_amount_pb2 as far_dot_type_dot_v1_dot_token__amoun
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x61r/chain/v1/chain_events.proto\x12\x0c\x66\x61r.chain.v1\x1a\x1e\x66\x61r/type/v1/token_amount.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xac\x01\n\x08\x43hainLog\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\x04\x12\x10\n\x08\x63ontract\x18\x02 \x01(\t\x12\x0f\n\x07tx_hash\x18\x03 \x01(\t\x12\x11\n\tlog_index\x18\x04 \x01(\r\x12\x14\n\x0c\x62lock_number\x18\x05 \x01(\x04\x12\x12\n\nblock_hash\x18\x06 \x01(\t\x12.\n\nblock_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd2\x03\n\nChainEvent\x12#\n\x03log\x18\x01 \x01(\x0b\x32\x16.far.chain.v1.ChainLog\x12\x39\n\x10payment_received\x18\x02 \x01(\x0b\x32\x1d.far.chain.v1.PaymentReceivedH\x00\x12+\n\tprice_set\x18\x03 \x01(\x0b\x32\x16.far.chain.v1.PriceSetH\x00\x12,\n\twithdrawn\x18\x04 \x01(\x0b\x32\x17.far.chain.v1.WithdrawnH\x00\x12&\n\x06staked\x18\x05 \x01(\x0b\x32\x14.far.chain.v1.StakedH\x00\x12*\n\x08unstaked\x18\x06 \x01(\x0b\x32\x16.far.chain.v1.UnstakedH\x00\x12/\n\x0breward_paid\x18\x07 \x01(\x0b\x32\x18.far.chain.v1.RewardPaidH\x00\x12\x31\n\x0creward_added\x18\x08 \x01(\x0b\x32\x19.far.chain.v1.RewardAddedH\x00\x12H\n\x18rewards_duration_updated\x18\t \x01(\x0b\x32$.far.chain.v1.RewardsDurationUpdatedH\x00\x42\x07\n\x05\x65vent\":\n\x13\x43hainEventRetracted\x12#\n\x03log\x18\x01 \x01(\x0b\x32\x16.far.chain.v1.ChainLog\"b\n\x0fPaymentReceived\x12\x16\n\x0epayment_job_id\x18\x01 \x01(\t\x12\r\n\x05payer\x18\x02 \x01(\t\x12(\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\"P\n\x08PriceSet\x12\x11\n\tmodel_key\x18\x01 \x01(\t\x12\x31\n\x0fprice_per_token\x18\x02 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\"A\n\tWithdrawn\x12\n\n\x02to\x18\x01 \x01(\t\x12(\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\"C\n\x06Staked\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12(\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\"E\n\x08Unstaked\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12(\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\"G\n\nRewardPaid\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12(\n\x06reward\x18\x02 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\"\x9e\x01\n\x0bRewardAdded\x12(\n\x06reward\x18\x01 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\x12-\n\x0breward_rate\x18\x02 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\x12\x36\n\x12period_finish_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\x16RewardsDurationUpdated\x12 \n\x18rewards_duration_seconds\x18\x01 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x61r/chain/v1/chain_events.proto\x12\x0c\x66\x61r.chain.v1\x1a\x1e\x66\x61r/type/v1/token_amount.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xac\x01\n\x08\x43hainLog\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\x04\x12\x10\n\x08\x63ontract\x18\x02 \x01(\t\x12\x0f\n\x07tx_hash\x18\x03 \x01(\t\x12\x11\n\tlog_index\x18\x04 \x01(\r\x12\x14\n\x0c\x62lock_number\x18\x05 \x01(\x04\x12\x12\n\nblock_hash\x18\x06 \x01(\t\x12.\n\nblock_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfe\x03\n\nChainEvent\x12#\n\x03log\x18\x01 \x01(\x0b\x32\x16.far.chain.v1.ChainLog\x12\x39\n\x10payment_received\x18\x02 \x01(\x0b\x32\x1d.far.chain.v1.PaymentReceivedH\x00\x12+\n\tprice_set\x18\x03 \x01(\x0b\x32\x16.far.chain.v1.PriceSetH\x00\x12,\n\twithdrawn\x18\x04 \x01(\x0b\x32\x17.far.chain.v1.WithdrawnH\x00\x12&\n\x06staked\x18\x05 \x01(\x0b\x32\x14.far.chain.v1.StakedH\x00\x12*\n\x08unstaked\x18\x06 \x01(\x0b\x32\x16.far.chain.v1.UnstakedH\x00\x12/\n\x0breward_paid\x18\x07 \x01(\x0b\x32\x18.far.chain.v1.RewardPaidH\x00\x12\x31\n\x0creward_added\x18\x08 \x01(\x0b\x32\x19.far.chain.v1.RewardAddedH\x00\x12H\n\x18rewards_duration_updated\x18\t \x01(\x0b\x32$.far.chain.v1.RewardsDurationUpdatedH\x00\x12*\n\x08transfer\x18\n \x01(\x0b\x32\x16.far.chain.v1.TransferH\x00\x42\x07\n\x05\x65vent\":\n\x13\x43hainEventRetracted\x12#\n\x03log\x18\x01 \x01(\x0b\x32\x16.far.chain.v1.ChainLog\"M\n\x08Transfer\x12\x0c\n\x04\x66rom\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12\'\n\x05value\x18\x03 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\"b\n\x0fPaymentReceived\x12\x16\n\x0epayment_job_id\x18\x01 \x01(\t\x12\r\n\x05payer\x18\x02 \x01(\t\x12(\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\"P\n\x08PriceSet\x12\x11\n\tmodel_key\x18\x01 \x01(\t\x12\x31\n\x0fprice_per_token\x18\x02 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\"A\n\tWithdrawn\x12\n\n\x02to\x18\x01 \x01(\t\x12(\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\"C\n\x06Staked\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12(\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\"E\n\x08Unstaked\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12(\n\x06\x61mount\x18\x02 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\"G\n\nRewardPaid\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12(\n\x06reward\x18\x02 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\"\x9e\x01\n\x0bRewardAdded\x12(\n\x06reward\x18\x01 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\x12-\n\x0breward_rate\x18\x02 \x01(\x0b\x32\x18.far.type.v1.TokenAmount\x12\x36\n\x12period_finish_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\x16RewardsDurationUpdated\x12 \n\x18rewards_duration_seconds\x18\x01 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHAINLOG']._serialized_start=115
   _globals['_CHAINLOG']._serialized_end=287
   _globals['_CHAINEVENT']._serialized_start=290
-  _globals['_CHAINEVENT']._serialized_end=756
-  _globals['_CHAINEVENTRETRACTED']._serialized_start=758
-  _globals['_CHAINEVENTRETRACTED']._serialized_end=816
-  _globals['_PAYMENTRECEIVED']._serialized_start=818
-  _globals['_PAYMENTRECEIVED']._serialized_end=916
-  _globals['_PRICESET']._serialized_start=918
-  _globals['_PRICESET']._serialized_end=998
-  _globals['_WITHDRAWN']._serialized_start=1000
-  _globals['_WITHDRAWN']._serialized_end=1065
-  _globals['_STAKED']._serialized_start=1067
-  _globals['_STAKED']._serialized_end=1134
-  _globals['_UNSTAKED']._serialized_start=1136
-  _globals['_UNSTAKED']._serialized_end=1205
-  _globals['_REWARDPAID']._serialized_start=1207
-  _globals['_REWARDPAID']._serialized_end=1278
-  _globals['_REWARDADDED']._serialized_start=1281
-  _globals['_REWARDADDED']._serialized_end=1439
-  _globals['_REWARDSDURATIONUPDATED']._serialized_start=1441
-  _globals['_REWARDSDURATIONUPDATED']._serialized_end=1499
+  _globals['_CHAINEVENT']._serialized_end=800
+  _globals['_CHAINEVENTRETRACTED']._serialized_start=802
+  _globals['_CHAINEVENTRETRACTED']._serialized_end=860
+  _globals['_TRANSFER']._serialized_start=862
+  _globals['_TRANSFER']._serialized_end=939
+  _globals['_PAYMENTRECEIVED']._serialized_start=941
+  _globals['_PAYMENTRECEIVED']._serialized_end=1039
+  _globals['_PRICESET']._serialized_start=1041
+  _globals['_PRICESET']._serialized_end=1121
+  _globals['_WITHDRAWN']._serialized_start=1123
+  _globals['_WITHDRAWN']._serialized_end=1188
+  _globals['_STAKED']._serialized_start=1190
+  _globals['_STAKED']._serialized_end=1257
+  _globals['_UNSTAKED']._serialized_start=1259
+  _globals['_UNSTAKED']._serialized_end=1328
+  _globals['_REWARDPAID']._serialized_start=1330
+  _globals['_REWARDPAID']._serialized_end=1401
+  _globals['_REWARDADDED']._serialized_start=1404
+  _globals['_REWARDADDED']._serialized_end=1562
+  _globals['_REWARDSDURATIONUPDATED']._serialized_start=1564
+  _globals['_REWARDSDURATIONUPDATED']._serialized_end=1622
 # @@protoc_insertion_point(module_scope)

@@ -23,9 +23,10 @@ class ChainLog(_message.Message):
     """Events of the platform's contracts, as the chain ingester (`python -m servers.ingest`)
     publishes them on the event bus (Redis Streams, `<prefix>events:<topic>`).
 
-    Topics: `chain.inference_payment` (InferencePayment: PaymentReceived, PriceSet,
-    Withdrawn) and `chain.staking` (Staking: Staked, Unstaked, RewardPaid, RewardAdded,
-    RewardsDurationUpdated). Entries are ChainEvent or ChainEventRetracted messages.
+    Topics: `chain.far_token` (FARToken: Transfer), `chain.inference_payment`
+    (InferencePayment: PaymentReceived, PriceSet, Withdrawn) and `chain.staking` (Staking:
+    Staked, Unstaked, RewardPaid, RewardAdded, RewardsDurationUpdated). Entries are ChainEvent
+    or ChainEventRetracted messages.
 
     Delivery. An event is published once its block has CHAIN_CONFIRMATIONS blocks on it
     (its own included), in block and log order, at least once: consumers dedupe on
@@ -100,6 +101,7 @@ class ChainEvent(_message.Message):
     REWARD_PAID_FIELD_NUMBER: _builtins.int
     REWARD_ADDED_FIELD_NUMBER: _builtins.int
     REWARDS_DURATION_UPDATED_FIELD_NUMBER: _builtins.int
+    TRANSFER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def log(self) -> Global___ChainLog:
         """Where it was emitted."""
@@ -136,6 +138,10 @@ class ChainEvent(_message.Message):
     def rewards_duration_updated(self) -> Global___RewardsDurationUpdated:
         """Staking: the owner changed the reward period's length."""
 
+    @_builtins.property
+    def transfer(self) -> Global___Transfer:
+        """FARToken: tokens moved (a mint has `from` 0x0...0)."""
+
     def __init__(
         self,
         *,
@@ -148,12 +154,13 @@ class ChainEvent(_message.Message):
         reward_paid: Global___RewardPaid | None = ...,
         reward_added: Global___RewardAdded | None = ...,
         rewards_duration_updated: Global___RewardsDurationUpdated | None = ...,
+        transfer: Global___Transfer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "log", b"log", "payment_received", b"payment_received", "price_set", b"price_set", "reward_added", b"reward_added", "reward_paid", b"reward_paid", "rewards_duration_updated", b"rewards_duration_updated", "staked", b"staked", "unstaked", b"unstaked", "withdrawn", b"withdrawn"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "log", b"log", "payment_received", b"payment_received", "price_set", b"price_set", "reward_added", b"reward_added", "reward_paid", b"reward_paid", "rewards_duration_updated", b"rewards_duration_updated", "staked", b"staked", "transfer", b"transfer", "unstaked", b"unstaked", "withdrawn", b"withdrawn"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "log", b"log", "payment_received", b"payment_received", "price_set", b"price_set", "reward_added", b"reward_added", "reward_paid", b"reward_paid", "rewards_duration_updated", b"rewards_duration_updated", "staked", b"staked", "unstaked", b"unstaked", "withdrawn", b"withdrawn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "log", b"log", "payment_received", b"payment_received", "price_set", b"price_set", "reward_added", b"reward_added", "reward_paid", b"reward_paid", "rewards_duration_updated", b"rewards_duration_updated", "staked", b"staked", "transfer", b"transfer", "unstaked", b"unstaked", "withdrawn", b"withdrawn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["payment_received", "price_set", "withdrawn", "staked", "unstaked", "reward_paid", "reward_added", "rewards_duration_updated"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["payment_received", "price_set", "withdrawn", "staked", "unstaked", "reward_paid", "reward_added", "rewards_duration_updated", "transfer"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -182,6 +189,35 @@ class ChainEventRetracted(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChainEventRetracted: _TypeAlias = ChainEventRetracted  # noqa: Y015
+
+@_typing.final
+class Transfer(_message.Message):
+    """`Transfer(address indexed from, address indexed to, uint256 value)` (ERC-20)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    to: _builtins.str
+    """The receiver."""
+    @_builtins.property
+    def value(self) -> _token_amount_pb2.TokenAmount:
+        """The amount, in FAR."""
+
+    def __init__(
+        self,
+        *,
+        to: _builtins.str = ...,
+        value: _token_amount_pb2.TokenAmount | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "to", b"to", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Transfer: _TypeAlias = Transfer  # noqa: Y015
 
 @_typing.final
 class PaymentReceived(_message.Message):
