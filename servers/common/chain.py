@@ -47,7 +47,7 @@ ARTEFACTS_DIR = Path(__file__).resolve().parents[2] / "generated" / "contracts"
 CONTRACTS = ("FARToken", "InferencePayment", "Staking")
 BSC_MAINNET_CHAIN_ID = 56
 DEV_CHAIN_ID = 97  # BSC testnet, and the local anvil chain of `make run`
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}\Z")
 _RETRIED_HTTP_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 

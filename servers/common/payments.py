@@ -57,9 +57,9 @@ from web3.types import LogReceipt
 from servers.common.chain import Chain
 from servers.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 
-_TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
-_BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}\Z")
+_BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}\Z")
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}\Z")
 
 
 class PaymentNotFound(FailedPrecondition):
