@@ -282,7 +282,11 @@ def cmd_render_envoy(args: argparse.Namespace) -> int:
         listen_host=args.listen_host,
         access_log_path=args.access_log,
         proto_descriptor_path=args.descriptor_path_in_config,
+        jwt=envoy_config.JwtSettings.from_env(os.environ),
+        **envoy_config.EdgeOptions.edge_settings_from_env(os.environ),
     )
+    if options.jwt is None:
+        print("no JWT_SECRET in the environment: the config has no jwt_authn (the services still verify tokens)")
     try:
         config = envoy_config.render(catalog.SERVICES, args.descriptor, upstreams, options)
     except (ValueError, FileNotFoundError) as exc:

@@ -1,16 +1,19 @@
 """Render Envoy's bootstrap (JSON) from the service catalog and the descriptor set.
 
 Pure functions from data to a dict: no per-service blocks are written by hand. Listeners, HTTP
-filters and clusters are each built by a tuple of small functions, so the later edge features slot in
-as one more function each: CORS, JWT and local rate limiting go into `WEB_HTTP_FILTERS` ahead of
-gRPC-Web, and the partner mTLS listener fills in `partner_listener`.
+filters and clusters are each built by a tuple of small functions (`LISTENERS`, `WEB_HTTP_FILTERS`),
+so a later edge feature slots in as one more function: the partner mTLS listener fills in
+`partner_listener`. jwt_authn's rules come from the contracts' `(far.api.v1.access)` declarations and
+REST bindings; its keys from the servers' JWT_* settings, so the rendered file holds secrets.
 """
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -18,12 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
+
 from devstack import catalog
 from devstack.catalog import Service
 
 Json = dict[str, Any]
 
 ADMIN_HOST = "127.0.0.1"
+OPENAPI_DOCUMENT = catalog.ROOT / "generated" / "openapi" / "far.openapi.json"
+OPENAPI_PATH = "/openapi.json"
+# Envoy's cap on a direct response body (4 KiB unless raised); the OpenAPI document must fit.
+MAX_DIRECT_RESPONSE_BYTES = 8 * 1024 * 1024
 UNIMPLEMENTED = 12
 _TYPES = "type.googleapis.com/envoy.extensions"
 
@@ -45,6 +55,48 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class JwtSettings:
+    """What jwt_authn needs to verify the services' access tokens (servers/common/auth.py): the same
+    HS256 secrets by key id, issuer and audience. Secrets only reach the rendered file in the run dir."""
+
+    keys: tuple[tuple[str, str], ...] = field(repr=False)
+    issuer: str = "far-auth"
+    audience: str = "far-platform"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> JwtSettings | None:
+        """From the variables the servers read (JWT_SECRET, JWT_KEY_ID, JWT_PREVIOUS_SECRETS, JWT_ISSUER,
+        JWT_AUDIENCE); None without JWT_SECRET."""
+        secret = env.get("JWT_SECRET", "")
+        if not secret:
+            return None
+        keys = [(env.get("JWT_KEY_ID") or "k1", secret)]
+        for item in filter(None, (env.get("JWT_PREVIOUS_SECRETS") or "").split(",")):
+            kid, sep, previous = item.strip().partition(":")
+            if not sep or not kid or not previous:
+                raise ValueError("JWT_PREVIOUS_SECRETS must be kid:secret pairs")
+            keys.append((kid, previous))
+        return cls(
+            keys=tuple(keys),
+            issuer=env.get("JWT_ISSUER") or "far-auth",
+            audience=env.get("JWT_AUDIENCE") or "far-platform",
+        )
+
+    def jwks(self) -> str:
+        """The secrets as a JWK set of HS256 `oct` keys with their key ids."""
+        keys = [
+            {
+                "kty": "oct",
+                "alg": "HS256",
+                "kid": kid,
+                "k": base64.urlsafe_b64encode(secret.encode()).rstrip(b"=").decode(),
+            }
+            for kid, secret in self.keys
+        ]
+        return json.dumps({"keys": keys})
+
+
+@dataclass(frozen=True)
 class EdgeOptions:
     """Listener ports and the knobs that differ between `make run`, tests and deployment."""
 
@@ -63,6 +115,89 @@ class EdgeOptions:
     # The partner mTLS listener on catalog.ENVOY_PARTNER_PORT comes with the mTLS issue.
     partner_port: int | None = None
     max_downstream_connections: int = 10000
+    # None: no jwt_authn at the edge (the services still verify every token).
+    jwt: JwtSettings | None = None
+    # Browser origins allowed to call the web listener (CORS).
+    cors_allowed_origins: tuple[str, ...] = ("http://localhost:3000",)
+    # One token bucket for the whole web listener: `rate_limit_rps` a second, bursts of `rate_limit_burst`.
+    # Generous by default: `make bench` drives several thousand requests a second through one Envoy.
+    rate_limit_rps: int = 10000
+    rate_limit_burst: int = 20000
+    # JSON request bodies above this are refused with 413 (the services cap gRPC messages at 4 MiB too).
+    max_request_bytes: int = 4 * 1024 * 1024
+    # The OpenAPI document served at GET /openapi.json (Envoy reads it at start); None: not served.
+    openapi_document: Path | None = OPENAPI_DOCUMENT if OPENAPI_DOCUMENT.is_file() else None
+
+    @classmethod
+    def edge_settings_from_env(cls, env: Mapping[str, str]) -> dict[str, Any]:
+        """The EDGE_* variables as keyword arguments: EDGE_CORS_ALLOWED_ORIGINS (comma-separated),
+        EDGE_RATE_LIMIT_RPS, EDGE_RATE_LIMIT_BURST (default twice the rate), EDGE_MAX_REQUEST_BYTES."""
+        found: dict[str, Any] = {}
+        origins = env.get("EDGE_CORS_ALLOWED_ORIGINS")
+        if origins is not None:
+            found["cors_allowed_origins"] = tuple(o.strip() for o in origins.split(",") if o.strip())
+        for name, key in (
+            ("EDGE_RATE_LIMIT_RPS", "rate_limit_rps"),
+            ("EDGE_RATE_LIMIT_BURST", "rate_limit_burst"),
+            ("EDGE_MAX_REQUEST_BYTES", "max_request_bytes"),
+        ):
+            value = env.get(name)
+            if value:
+                if not value.isdigit() or int(value) < 1:
+                    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                found[key] = int(value)
+        if "rate_limit_rps" in found and "rate_limit_burst" not in found:
+            found["rate_limit_burst"] = 2 * found["rate_limit_rps"]
+        return found
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One way to call a method: its gRPC path, or one of its REST bindings (verb + path template)."""
+
+    grpc_path: str
+    public: bool
+    http_method: str = ""
+    template: str = ""
+
+
+def bindings_of(fds: descriptor_pb2.FileDescriptorSet) -> tuple[Binding, ...]:
+    """Every `far.*` method's REST bindings (`google.api.http`), each with whether it is declared public."""
+    access = catalog.method_access(fds)
+    found: list[Binding] = []
+    for file in fds.file:
+        if not file.package.startswith("far."):
+            continue
+        for svc in file.service:
+            for method in svc.method:
+                path = f"/{file.package}.{svc.name}/{method.name}"
+                public = access[path].get("level") == "public"
+                found.append(Binding(path, public))
+                if not method.options.HasExtension(annotations_pb2.http):
+                    continue
+                rule = method.options.Extensions[annotations_pb2.http]
+                for http in (rule, *rule.additional_bindings):
+                    kind = http.WhichOneof("pattern")
+                    if kind is None:
+                        continue
+                    if kind == "custom":
+                        found.append(Binding(path, public, http.custom.kind.upper(), http.custom.path))
+                    else:
+                        found.append(Binding(path, public, kind.upper(), getattr(http, kind)))
+    return tuple(found)
+
+
+def template_regex(template: str) -> str:
+    """A `google.api.http` path template as an RE2 regex over the whole path (query string excluded).
+
+    `{name=games/*}` -> `games/[^/]+`, `{id}` -> `[^/]+`, `**` -> `.*`; `:verb` stays literal. A trailing
+    slash is allowed: the transcoder maps `POST /v1/games/` to the same method as `POST /v1/games`.
+    """
+    expanded = re.sub(r"\{[^}=]+=([^}]*)\}", r"\1", template)
+    expanded = re.sub(r"\{[^}]*\}", "*", expanded)
+    parts = re.split(r"(\*\*|\*)", expanded)
+    pieces = {"**": ".*", "*": "[^/]+"}
+    return "".join(pieces.get(part) or re.escape(part) for part in parts) + "/?"
 
 
 @dataclass(frozen=True)
@@ -72,6 +207,7 @@ class RenderContext:
     described: Mapping[str, catalog.DescribedService]
     upstreams: Mapping[str, tuple[Endpoint, ...]]
     options: EdgeOptions = field(default_factory=EdgeOptions)
+    bindings: tuple[Binding, ...] = ()
 
     def routed(self) -> list[Service]:
         return [s for s in self.services if s.name in self.upstreams]
@@ -97,27 +233,137 @@ def _address(host: str, port: int) -> Json:
 
 # --- HTTP filters of the web listener, in order ---------------------------------------------------
 
+JWT_PROVIDER = "far_auth"
+
+
+def _jwt_rule(binding: Binding) -> Json:
+    if binding.http_method:
+        match: Json = {
+            "safe_regex": {"regex": template_regex(binding.template)},
+            "headers": [{"name": ":method", "string_match": {"exact": binding.http_method}}],
+        }
+    else:
+        match = {"path": binding.grpc_path}
+    return {"match": match, "requires": _PUBLIC if binding.public else _SIGNED_IN}
+
+
+_SIGNED_IN: Json = {"provider_name": JWT_PROVIDER}
+# A public method needs no token, but a token that comes anyway must be valid.
+_PUBLIC: Json = {"requires_any": {"requirements": [{"provider_name": JWT_PROVIDER}, {"allow_missing": {}}]}}
+
+
+def jwt_rules(ctx: RenderContext) -> list[Json]:
+    """jwt_authn's rules, first match wins, from every method's `(far.api.v1.access)` declaration.
+
+    jwt_authn runs before the transcoder rewrites a REST path to its gRPC method, so each method has a
+    rule per gRPC path (gRPC, gRPC-Web) and per REST binding (HTTP verb + path template as a regex).
+    Every non-public rule comes before every public one: where a REST path could match both (`GET
+    /v1/datasets/x:accessLink` also fits `GET /v1/{name=datasets/*}`), the token is required. The last
+    rule covers every other path: no token needed, but one that comes must be valid.
+    """
+    ordered = sorted(ctx.bindings, key=lambda b: b.public)
+    return [_jwt_rule(b) for b in ordered] + [{"match": {"prefix": "/"}, "requires": _PUBLIC}]
+
+
+def jwt_authn_filter(ctx: RenderContext) -> list[Json]:
+    jwt = ctx.options.jwt
+    if jwt is None:
+        return []
+    provider = {
+        "issuer": jwt.issuer,
+        "audiences": [jwt.audience],
+        "local_jwks": {"inline_string": jwt.jwks()},
+        # Only the Authorization header: without from_headers jwt_authn also takes ?access_token=.
+        "from_headers": [{"name": "Authorization", "value_prefix": "Bearer "}],
+        # The services verify the token again and check it against the revocation list.
+        "forward": True,
+        "clock_skew_seconds": 5,
+    }
+    config = _typed(
+        "filters.http.jwt_authn.v3.JwtAuthentication",
+        providers={JWT_PROVIDER: provider},
+        rules=jwt_rules(ctx),
+        bypass_cors_preflight=True,
+    )
+    return [{"name": "envoy.filters.http.jwt_authn", "typed_config": config}]
+
+
+CORS_FILTER = "envoy.filters.http.cors"
+BUFFER_FILTER = "envoy.filters.http.buffer"
+
+
+def cors_filter(ctx: RenderContext) -> list[Json]:
+    """Answers preflights and adds the CORS headers; the policy is on the virtual host (`cors_policy`)."""
+    return [{"name": CORS_FILTER, "typed_config": _typed("filters.http.cors.v3.Cors")}]
+
+
+def cors_policy(ctx: RenderContext) -> Json:
+    return _typed(
+        "filters.http.cors.v3.CorsPolicy",
+        allow_origin_string_match=[{"exact": origin} for origin in ctx.options.cors_allowed_origins],
+        allow_methods="GET, POST, PUT, PATCH, DELETE, OPTIONS",
+        allow_headers=(
+            "authorization, content-type, accept, x-request-id, x-grpc-web, x-user-agent, grpc-timeout, "
+            "connect-protocol-version, connect-timeout-ms"
+        ),
+        expose_headers="grpc-status, grpc-message, grpc-status-details-bin, x-request-id",
+        max_age="600",
+    )
+
+
+def local_ratelimit_filter(ctx: RenderContext) -> list[Json]:
+    """One token bucket for the listener; an empty bucket is a 429 (gRPC: UNAVAILABLE)."""
+    opts = ctx.options
+    config = _typed(
+        "filters.http.local_ratelimit.v3.LocalRateLimit",
+        stat_prefix="web_rate_limit",
+        token_bucket={
+            "max_tokens": opts.rate_limit_burst,
+            "tokens_per_fill": opts.rate_limit_rps,
+            "fill_interval": "1s",
+        },
+        filter_enabled={"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        filter_enforced={"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+    )
+    return [{"name": "envoy.filters.http.local_ratelimit", "typed_config": config}]
+
+
+def buffer_filter(ctx: RenderContext) -> list[Json]:
+    """Caps JSON request bodies (413). Runs on the REST routes only: gRPC routes switch it off per route,
+    since it would buffer client streams; the services cap gRPC messages themselves."""
+    config = _typed("filters.http.buffer.v3.Buffer", max_request_bytes=ctx.options.max_request_bytes)
+    return [{"name": BUFFER_FILTER, "typed_config": config}]
+
 
 def grpc_web_filter(ctx: RenderContext) -> list[Json]:
     return [{"name": "envoy.filters.http.grpc_web", "typed_config": _typed("filters.http.grpc_web.v3.GrpcWeb")}]
 
 
-def grpc_json_transcoder_filter(ctx: RenderContext) -> list[Json]:
-    services = ctx.transcoded()
-    if not services:
-        return []
-    config = _typed(
+TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
+# How a server stream reaches a JSON client, by its Accept header: a JSON array (the default),
+# newline-delimited JSON, or server-sent events. Envoy has no per-route print options, so each
+# framing is a whole transcoder config, attached to REST routes that match the Accept header.
+STREAM_FRAMINGS: Mapping[str, tuple[str, Json]] = {
+    "ndjson": ("application/x-ndjson", {"stream_newline_delimited": True}),
+    "sse": ("text/event-stream", {"stream_sse_style_delimited": True}),
+}
+
+
+def transcoder_config(ctx: RenderContext, framing: str | None = None) -> Json:
+    """The transcoder for every described service; `framing` picks a STREAM_FRAMINGS entry."""
+    print_options: Json = {
+        "add_whitespace": False,
+        "always_print_primitive_fields": True,
+        "always_print_enums_as_ints": False,
+        "preserve_proto_field_names": False,
+    }
+    if framing is not None:
+        print_options.update(STREAM_FRAMINGS[framing][1])
+    return _typed(
         "filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
         proto_descriptor=ctx.options.proto_descriptor_path or str(ctx.descriptor_path),
-        services=services,
-        print_options={
-            "add_whitespace": False,
-            "always_print_primitive_fields": True,
-            "always_print_enums_as_ints": False,
-            "preserve_proto_field_names": False,
-            # DESIGN.md: server-streaming RPCs reach JSON clients as newline-delimited JSON.
-            "stream_newline_delimited": True,
-        },
+        services=ctx.transcoded(),
+        print_options=print_options,
         convert_grpc_status=True,
         auto_mapping=False,
         # Plain gRPC and gRPC-Web requests pass through untouched whatever these say; they only
@@ -131,7 +377,12 @@ def grpc_json_transcoder_filter(ctx: RenderContext) -> list[Json]:
         },
         query_param_unescape_plus=True,
     )
-    return [{"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": config}]
+
+
+def grpc_json_transcoder_filter(ctx: RenderContext) -> list[Json]:
+    if not ctx.transcoded():
+        return []
+    return [{"name": TRANSCODER_FILTER, "typed_config": transcoder_config(ctx)}]
 
 
 def router_filter(ctx: RenderContext) -> list[Json]:
@@ -139,8 +390,17 @@ def router_filter(ctx: RenderContext) -> list[Json]:
 
 
 HttpFilterFn = Callable[[RenderContext], list[Json]]
-# CORS, jwt_authn and local_ratelimit go before gRPC-Web (jwt_authn must see REST and gRPC paths).
-WEB_HTTP_FILTERS: tuple[HttpFilterFn, ...] = (grpc_web_filter, grpc_json_transcoder_filter, router_filter)
+# CORS first (preflights); then gRPC-Web, so every later local reply (429, jwt_authn's 401) reaches a
+# gRPC-Web caller as gRPC-Web; jwt_authn and the body cap before the transcoder rewrites REST paths.
+WEB_HTTP_FILTERS: tuple[HttpFilterFn, ...] = (
+    cors_filter,
+    grpc_web_filter,
+    local_ratelimit_filter,
+    jwt_authn_filter,
+    buffer_filter,
+    grpc_json_transcoder_filter,
+    router_filter,
+)
 
 
 # --- Routes -----------------------------------------------------------------------------------------
@@ -164,6 +424,7 @@ def _grpc_route(service: Service, ctx: RenderContext) -> list[Json]:
             "name": service.name,
             "match": {"prefix": service.grpc_prefix},
             **_access_metadata(service, ctx),
+            "typed_per_filter_config": {BUFFER_FILTER: _typed("filters.http.buffer.v3.BufferPerRoute", disabled=True)},
             "route": {
                 "cluster": service.name,
                 # Server-streaming RPCs (inference tokens, realtime topics) run as long as they need;
@@ -217,12 +478,130 @@ def _unimplemented_routes(service: Service, ctx: RenderContext) -> list[Json]:
     ]
 
 
-def web_routes(ctx: RenderContext) -> list[Json]:
+def _rest_routes(service: Service, ctx: RenderContext) -> list[Json]:
+    """The REST prefixes of a running service, to its cluster.
+
+    A transcoded request is routed by its gRPC path; these routes are what the CORS filter (preflights)
+    and the body cap see before the transcoder rewrites the path. Only a request the transcoder lets
+    through untouched (gRPC content on a REST path) is forwarded by them, and the server refuses it.
+    """
+    described = ctx.described.get(service.service_name)
+    if described is None:
+        return []
     routes: list[Json] = []
+    for prefix in described.rest_prefixes:
+        name = f"{service.name}-rest{prefix.replace('/', '-')}"
+        for framing, (accept, _) in STREAM_FRAMINGS.items():
+            routes.append(
+                {
+                    "name": f"{name}-{framing}",
+                    "match": {"prefix": prefix, "headers": [{"name": "accept", "string_match": {"contains": accept}}]},
+                    "route": {"cluster": service.name},
+                    "typed_per_filter_config": {TRANSCODER_FILTER: transcoder_config(ctx, framing)},
+                }
+            )
+        routes.append({"name": name, "match": {"prefix": prefix}, "route": {"cluster": service.name}})
+    return routes
+
+
+def openapi_route(ctx: RenderContext) -> list[Json]:
+    """GET /openapi.json: the generated OpenAPI v3 document, answered by Envoy itself."""
+    document = ctx.options.openapi_document
+    if document is None:
+        return []
+    size = Path(document).stat().st_size
+    if size > MAX_DIRECT_RESPONSE_BYTES:
+        raise ValueError(f"{document} is {size} bytes; the edge serves at most {MAX_DIRECT_RESPONSE_BYTES}")
+    return [
+        {
+            "name": "openapi",
+            "match": {"path": OPENAPI_PATH, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+            "direct_response": {"status": 200, "body": {"filename": str(Path(document).resolve())}},
+            "response_headers_to_add": [
+                {
+                    "header": {"key": "content-type", "value": "application/json"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
+            # Not a REST binding: the transcoder would answer 404 for it.
+            "typed_per_filter_config": {
+                TRANSCODER_FILTER: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+            },
+        }
+    ]
+
+
+def web_routes(ctx: RenderContext) -> list[Json]:
+    routes: list[Json] = openapi_route(ctx)
     for service in ctx.services:
         routed = service.name in ctx.upstreams
         routes += _grpc_route(service, ctx) if routed else _unimplemented_routes(service, ctx)
+    for service in ctx.routed():
+        routes += _rest_routes(service, ctx)
     return routes
+
+
+# --- Envoy's own replies ----------------------------------------------------------------------------
+
+EDGE_ERROR_DOMAIN = "edge.far.network"
+# HTTP status of a reply Envoy makes itself -> (google.rpc.Code, ErrorInfo reason); the codes follow
+# docs/api-conventions.md, so a JSON client reads edge errors exactly like service errors.
+EDGE_ERRORS: Mapping[int, tuple[int, str]] = {
+    400: (3, "INVALID_ARGUMENT"),
+    401: (16, "UNAUTHENTICATED"),
+    403: (7, "PERMISSION_DENIED"),
+    404: (5, "NOT_FOUND"),
+    405: (12, "METHOD_NOT_ALLOWED"),
+    413: (3, "REQUEST_TOO_LARGE"),
+    429: (8, "RATE_LIMITED"),
+    503: (14, "UNAVAILABLE"),
+    504: (4, "UPSTREAM_TIMEOUT"),
+}
+
+
+def local_reply_config(ctx: RenderContext) -> Json:
+    """Envoy's own error replies (jwt_authn, the transcoder's 400/404, no route, rate limit, body too large)
+    as a JSON `google.rpc.Status` with an ErrorInfo in the edge's domain.
+
+    Only for requests that are not gRPC: a gRPC or gRPC-Web caller keeps Envoy's trailers-only reply
+    with its grpc-status. Answers from the services are no local replies, so their statuses (and the
+    transcoder's conversion of them) pass untouched; so do the UNIMPLEMENTED direct responses (501).
+    """
+    grpc_content_type = {
+        "name": "content-type",
+        "string_match": {"prefix": "application/grpc"},
+        "invert_match": True,
+        "treat_missing_header_as_empty": True,
+    }
+    # Once the transcoder has read a JSON request's headers, the request says `application/grpc` (a bad
+    # JSON body is found after that); it keeps the client's path in x-envoy-original-path.
+    transcoded = {"name": "x-envoy-original-path", "present_match": True}
+    not_grpc = {
+        "or_filter": {
+            "filters": [{"header_filter": {"header": grpc_content_type}}, {"header_filter": {"header": transcoded}}]
+        }
+    }
+    mappers = []
+    for status, (code, reason) in EDGE_ERRORS.items():
+        body = {
+            "code": code,
+            "message": "%LOCAL_REPLY_BODY%",
+            "details": [
+                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": EDGE_ERROR_DOMAIN}
+            ],
+        }
+        status_filter = {
+            "status_code_filter": {
+                "comparison": {"op": "EQ", "value": {"default_value": status, "runtime_key": f"far.edge.{status}"}}
+            }
+        }
+        mappers.append(
+            {
+                "filter": {"and_filter": {"filters": [status_filter, not_grpc]}},
+                "body_format_override": {"json_format": body, "content_type": "application/json"},
+            }
+        )
+    return {"mappers": mappers}
 
 
 # --- Listeners --------------------------------------------------------------------------------------
@@ -290,9 +669,18 @@ def web_listener(ctx: RenderContext) -> list[Json]:
             "initial_connection_window_size": 1048576,
         },
         access_log=_access_log(ctx, "web"),
+        local_reply_config=local_reply_config(ctx),
         route_config={
             "name": "web",
-            "virtual_hosts": [{"name": "far", "domains": ["*"], "routes": web_routes(ctx)}],
+            "max_direct_response_body_size_bytes": MAX_DIRECT_RESPONSE_BYTES,
+            "virtual_hosts": [
+                {
+                    "name": "far",
+                    "domains": ["*"],
+                    "routes": web_routes(ctx),
+                    "typed_per_filter_config": {CORS_FILTER: cors_policy(ctx)},
+                }
+            ],
         },
         http_filters=[f for build in WEB_HTTP_FILTERS for f in build(ctx)],
     )
@@ -404,12 +792,9 @@ def render(
     for name, endpoints in resolved.items():
         if not endpoints:
             raise ValueError(f"no upstream address for {name}")
-    described = catalog.check_descriptor(
-        catalog.load_descriptor_set(descriptor_path),
-        services,
-        require=[s for s in services if s.name in resolved],
-    )
-    ctx = RenderContext(services, descriptor_path, described, resolved, options or EdgeOptions())
+    fds = catalog.load_descriptor_set(descriptor_path)
+    described = catalog.check_descriptor(fds, services, require=[s for s in services if s.name in resolved])
+    ctx = RenderContext(services, descriptor_path, described, resolved, options or EdgeOptions(), bindings_of(fds))
     return {
         "node": {"id": "far-edge", "cluster": "far-edge"},
         "admin": {"address": _address(ADMIN_HOST, ctx.options.admin_port)},
@@ -435,6 +820,8 @@ def write(config: Json, path: Path) -> Path:
     """Write the bootstrap as JSON (Envoy picks the format from the `.json` suffix)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    tmp.touch(mode=0o600)  # it may hold the JWT secrets
+    tmp.chmod(0o600)
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(path)
     return path

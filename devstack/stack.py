@@ -311,11 +311,15 @@ class Stack:
 
     def render_envoy(self, web_port: int, admin_port: int) -> dict[str, Any]:
         upstreams = {name: f"{self._connect_host(self.host)}:{info.grpc_port}" for name, info in self.servers.items()}
+        env = {**os.environ, **self.env}
         options = envoy_config.EdgeOptions(
             web_port=web_port,
             admin_port=admin_port,
             listen_host=self.envoy_listen_host,
             access_log_path=str(self.log_dir / "envoy-access.log"),
+            # The servers' own JWT settings: the edge verifies tokens with the same keys.
+            jwt=envoy_config.JwtSettings.from_env(env),
+            **envoy_config.EdgeOptions.edge_settings_from_env(env),
         )
         return envoy_config.render(catalog.SERVICES, self.descriptor_path, upstreams, options)
 

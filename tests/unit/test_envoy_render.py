@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -122,9 +124,13 @@ class TestWebListener:
         assert web_hcm(config)["codec_type"] == "AUTO"
 
     def test_http_filters_in_order(self) -> None:
-        names = [f["name"] for f in web_hcm(render())["http_filters"]]
+        names = [f["name"] for f in web_hcm(render(jwt=JWT))["http_filters"]]
         assert names == [
+            "envoy.filters.http.cors",
             "envoy.filters.http.grpc_web",
+            "envoy.filters.http.local_ratelimit",
+            "envoy.filters.http.jwt_authn",
+            "envoy.filters.http.buffer",
             "envoy.filters.http.grpc_json_transcoder",
             "envoy.filters.http.router",
         ]
@@ -139,8 +145,7 @@ class TestWebListener:
             "always_print_primitive_fields": True,
             "always_print_enums_as_ints": False,
             "preserve_proto_field_names": False,
-            "stream_newline_delimited": True,
-        }
+        }  # server streams: a JSON array unless the Accept header asks otherwise
         assert transcoder["convert_grpc_status"] is True
         assert transcoder["auto_mapping"] is False
         assert transcoder["request_validation_options"]["reject_unknown_query_parameters"] is True
@@ -156,15 +161,17 @@ class TestWebListener:
         transcoder = http_filter(render(upstreams={}), "envoy.filters.http.grpc_json_transcoder")
         assert GAMED.service_name in transcoder["services"]
 
-    def test_no_per_route_transcoder_and_grpc_status_kept(self) -> None:
+    def test_per_route_transcoders_only_for_stream_framing_and_grpc_status_kept(self) -> None:
         config = render()
         for node in walk(config):
             if isinstance(node, dict):
-                assert "typed_per_filter_config" not in node
+                per_route = node.get("typed_per_filter_config", {}).get("envoy.filters.http.grpc_json_transcoder")
+                if per_route is not None and not per_route.get("disabled"):
+                    assert node["match"]["headers"][0]["name"] == "accept"
                 assert "grpc-status" not in node.get("response_headers_to_remove", [])
 
     def test_routed_service_goes_to_its_cluster(self) -> None:
-        (route,) = [r for r in routes(render()) if r["match"]["prefix"] == GAMED.grpc_prefix]
+        (route,) = [r for r in routes(render()) if r["match"].get("prefix") == GAMED.grpc_prefix]
         assert route["route"]["cluster"] == "gamed"
         assert route["route"]["timeout"] == "0s"
         assert route["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
@@ -177,7 +184,7 @@ class TestWebListener:
         for service in catalog.SERVICES:
             if service is GAMED:
                 continue
-            mine = [r for r in all_routes if r["match"]["prefix"] == service.grpc_prefix]
+            mine = [r for r in all_routes if r["match"].get("prefix") == service.grpc_prefix]
             assert len(mine) == 2, service.name
             grpc_route, json_route = mine
             assert grpc_route["match"]["headers"][0]["name"] == "content-type"
@@ -197,6 +204,201 @@ class TestWebListener:
         assert "json_format" in log["typed_config"]["log_format"]
         (log,) = web_hcm(render(access_log_path="/tmp/access.log"))["access_log"]
         assert log["typed_config"]["path"] == "/tmp/access.log"
+
+
+JWT = envoy.JwtSettings(keys=(("k2", "s" * 40), ("k1", "t" * 40)))
+
+
+def first_rule(rules: list[dict[str, Any]], method: str, path: str) -> dict[str, Any]:
+    """The rule jwt_authn applies to `method path` (first match wins), emulating Envoy's route matching."""
+    for rule in rules:
+        match = rule["match"]
+        if "path" in match:
+            hit = path == match["path"]
+        elif "prefix" in match:
+            hit = path.startswith(match["prefix"])
+        else:
+            (header,) = match["headers"]
+            hit = re.fullmatch(match["safe_regex"]["regex"], path) is not None
+            hit = hit and header["string_match"]["exact"] == method
+        if hit:
+            return rule
+    raise AssertionError(f"no rule for {method} {path}")
+
+
+def sample_path(template: str) -> str:
+    """A concrete path for a `google.api.http` template: every wildcard becomes `x1`."""
+    path = re.sub(r"\{[^}=]+=([^}]*)\}", r"\1", template)
+    path = re.sub(r"\{[^}]*\}", "x1", path)
+    return path.replace("**", "x1/x2").replace("*", "x1")
+
+
+class TestJwtAuthn:
+    def test_no_secrets_no_filter(self) -> None:
+        names = [f["name"] for f in web_hcm(render())["http_filters"]]
+        assert "envoy.filters.http.jwt_authn" not in names
+
+    def test_first_filter_with_the_services_keys(self) -> None:
+        config = render(jwt=JWT)
+        names = [f["name"] for f in web_hcm(config)["http_filters"]]
+        # After gRPC-Web (its 401 reaches gRPC-Web callers as gRPC-Web), before the transcoder.
+        assert names.index("envoy.filters.http.grpc_web") < names.index("envoy.filters.http.jwt_authn")
+        assert names.index("envoy.filters.http.jwt_authn") < names.index("envoy.filters.http.grpc_json_transcoder")
+        jwt_filter = http_filter(config, "envoy.filters.http.jwt_authn")
+        provider = jwt_filter["providers"][envoy.JWT_PROVIDER]
+        assert provider["issuer"] == "far-auth"
+        assert provider["audiences"] == ["far-platform"]
+        # The header only: without from_headers jwt_authn also reads ?access_token=.
+        assert provider["from_headers"] == [{"name": "Authorization", "value_prefix": "Bearer "}]
+        assert "from_params" not in provider
+        assert provider["forward"] is True
+        keys = json.loads(provider["local_jwks"]["inline_string"])["keys"]
+        assert [(k["kid"], k["kty"], k["alg"]) for k in keys] == [("k2", "oct", "HS256"), ("k1", "oct", "HS256")]
+        assert base64.urlsafe_b64decode(keys[0]["k"] + "==") == b"s" * 40
+
+    def test_settings_from_the_servers_environment(self) -> None:
+        assert envoy.JwtSettings.from_env({}) is None
+        settings = envoy.JwtSettings.from_env(
+            {"JWT_SECRET": "a" * 32, "JWT_KEY_ID": "k3", "JWT_PREVIOUS_SECRETS": "k2:" + "b" * 32, "JWT_AUDIENCE": "x"}
+        )
+        assert settings == envoy.JwtSettings(keys=(("k3", "a" * 32), ("k2", "b" * 32)), audience="x")
+        assert "a" * 32 not in repr(settings)
+        with pytest.raises(ValueError, match="JWT_PREVIOUS_SECRETS"):
+            envoy.JwtSettings.from_env({"JWT_SECRET": "a" * 32, "JWT_PREVIOUS_SECRETS": "nokid"})
+
+    @pytest.mark.parametrize(
+        ("template", "path", "matches"),
+        [
+            ("/v1/games", "/v1/games", True),
+            ("/v1/games", "/v1/games/", True),
+            ("/v1/games", "/v1/games/x", False),
+            ("/v1/{name=games/*}", "/v1/games/chess", True),
+            ("/v1/{name=games/*}", "/v1/games/chess/builds", False),
+            ("/v1/{name=games/*/channels/*}:promote", "/v1/games/a/channels/b:promote", True),
+            ("/v1/{name=games/*/channels/*}:promote", "/v1/games/a/channels/b:promotex", False),
+            ("/v1/{name=topics/*/presence}:set", "/v1/topics/t/presence:set", True),
+            ("/v1/{dataset.name=datasets/*}", "/v1/datasets/d", True),
+            ("/v1/{name=files/**}", "/v1/files/a/b/c", True),
+            ("/v1/sessions:refresh", "/v1/sessionsXrefresh", False),
+        ],
+    )
+    def test_template_regex(self, template: str, path: str, matches: bool) -> None:
+        assert (re.fullmatch(envoy.template_regex(template), path) is not None) is matches
+
+    def test_every_binding_gets_the_requirement_of_its_declaration(self) -> None:
+        rules = http_filter(render(jwt=JWT), "envoy.filters.http.jwt_authn")["rules"]
+        bindings = envoy.bindings_of(catalog.load_descriptor_set())
+        access = catalog.method_access(catalog.load_descriptor_set())
+        public_requirement = {"requires_any": {"requirements": [{"provider_name": "far_auth"}, {"allow_missing": {}}]}}
+        assert len(bindings) > len(access)  # gRPC paths and REST bindings
+        for binding in bindings:
+            public = access[binding.grpc_path]["level"] == "public"
+            if binding.http_method:
+                rule = first_rule(rules, binding.http_method, sample_path(binding.template))
+            else:
+                rule = first_rule(rules, "POST", binding.grpc_path)
+            wanted = public_requirement if public else {"provider_name": "far_auth"}
+            assert rule["requires"] == wanted, (binding, rule)
+
+    def test_known_paths(self) -> None:
+        rules = http_filter(render(jwt=JWT), "envoy.filters.http.jwt_authn")["rules"]
+        signed_in = {"provider_name": "far_auth"}
+        assert first_rule(rules, "GET", "/v1/games")["requires"] != signed_in
+        assert first_rule(rules, "POST", "/v1/games")["requires"] == signed_in
+        assert first_rule(rules, "POST", "/far.gamed.v1.GamedService/CreateGame")["requires"] == signed_in
+        assert first_rule(rules, "POST", "/far.gamed.v1.GamedService/ListGames")["requires"] != signed_in
+        assert first_rule(rules, "GET", "/v1/datasets/d:accessLink")["requires"] == signed_in
+        assert first_rule(rules, "GET", "/v1/datasets/d")["requires"] != signed_in
+        # Internal and partner methods need a token on the web listener too.
+        assert first_rule(rules, "POST", "/far.realtime.v1.RealtimeService/Publish")["requires"] == signed_in
+        assert first_rule(rules, "POST", "/v1/tournaments/t:submitScore")["requires"] == signed_in
+        # Anything else: no token needed, but one that comes must be valid.
+        assert first_rule(rules, "GET", "/nowhere")["requires"]["requires_any"]
+
+
+class TestLocalReplies:
+    def test_json_status_for_non_grpc_requests_only(self) -> None:
+        mappers = web_hcm(render())["local_reply_config"]["mappers"]
+        statuses = {}
+        for mapper in mappers:
+            status_filter, grpc_filter = mapper["filter"]["and_filter"]["filters"]
+            content_type, transcoded = (f["header_filter"]["header"] for f in grpc_filter["or_filter"]["filters"])
+            assert (content_type["name"], content_type["string_match"], content_type["invert_match"]) == (
+                "content-type",
+                {"prefix": "application/grpc"},
+                True,
+            )
+            assert transcoded["name"] == "x-envoy-original-path"
+            body = mapper["body_format_override"]["json_format"]
+            statuses[status_filter["status_code_filter"]["comparison"]["value"]["default_value"]] = body
+            (info,) = body["details"]
+            assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+            assert info["domain"] == "edge.far.network"
+        assert statuses[401]["code"] == 16
+        assert statuses[403]["code"] == 7
+        assert statuses[429]["details"][0]["reason"] == "RATE_LIMITED"
+        # The UNIMPLEMENTED direct responses (501) keep their own body.
+        assert 501 not in statuses
+
+
+class TestCorsRateLimitBodyCap:
+    def test_cors_policy_from_the_allowed_origins(self) -> None:
+        (vhost,) = web_hcm(render(cors_allowed_origins=("https://app.far.network",)))["route_config"]["virtual_hosts"]
+        policy = vhost["typed_per_filter_config"]["envoy.filters.http.cors"]
+        assert policy["allow_origin_string_match"] == [{"exact": "https://app.far.network"}]
+        assert "grpc-status" in policy["expose_headers"]
+        assert "authorization" in policy["allow_headers"]
+
+    def test_rest_prefixes_have_real_routes_for_preflights(self) -> None:
+        rest = [r for r in routes(render()) if r["match"].get("prefix") == "/v1/games"]
+        assert [r["route"]["cluster"] for r in rest] == ["gamed"] * 3  # JSON array, NDJSON, SSE
+        # Not for a service without a server: its REST paths end in the UNIMPLEMENTED reply.
+        assert not [r for r in routes(render()) if r["match"].get("prefix") == "/v1/tournaments"]
+
+    @pytest.mark.parametrize(
+        ("accept", "option"),
+        [("application/x-ndjson", "stream_newline_delimited"), ("text/event-stream", "stream_sse_style_delimited")],
+    )
+    def test_stream_framing_by_accept_header(self, accept: str, option: str) -> None:
+        rest = [r for r in routes(render()) if r["match"].get("prefix") == "/v1/games"]
+        (route,) = [r for r in rest if r["match"].get("headers", [{}])[0].get("string_match") == {"contains": accept}]
+        transcoder = route["typed_per_filter_config"]["envoy.filters.http.grpc_json_transcoder"]
+        assert transcoder["print_options"][option] is True
+        default = http_filter(render(), "envoy.filters.http.grpc_json_transcoder")
+        assert {k: v for k, v in transcoder.items() if k != "print_options"} == {
+            k: v for k, v in default.items() if k != "print_options"
+        }
+        assert rest[-1]["match"] == {"prefix": "/v1/games"}  # the default (JSON array) comes last
+
+    def test_openapi_document(self, tmp_path: Path) -> None:
+        config = render()
+        (route,) = [r for r in routes(config) if r["name"] == "openapi"]
+        assert route["direct_response"]["body"]["filename"] == str(envoy.OPENAPI_DOCUMENT.resolve())
+        assert route["typed_per_filter_config"]["envoy.filters.http.grpc_json_transcoder"]["disabled"] is True
+        size = envoy.OPENAPI_DOCUMENT.stat().st_size
+        assert web_hcm(config)["route_config"]["max_direct_response_body_size_bytes"] > size
+        assert not [r for r in routes(render(openapi_document=None)) if r["name"] == "openapi"]
+
+    def test_token_bucket(self) -> None:
+        limit = http_filter(render(rate_limit_rps=5, rate_limit_burst=7), "envoy.filters.http.local_ratelimit")
+        assert limit["token_bucket"] == {"max_tokens": 7, "tokens_per_fill": 5, "fill_interval": "1s"}
+
+    def test_body_cap_on_rest_routes_only(self) -> None:
+        assert http_filter(render(), "envoy.filters.http.buffer")["max_request_bytes"] == 4 * 1024 * 1024
+        (grpc_route,) = [r for r in routes(render()) if r["match"].get("prefix") == GAMED.grpc_prefix]
+        assert grpc_route["typed_per_filter_config"]["envoy.filters.http.buffer"]["disabled"] is True
+
+    def test_settings_from_env(self) -> None:
+        assert envoy.EdgeOptions.edge_settings_from_env({}) == {}
+        assert envoy.EdgeOptions.edge_settings_from_env(
+            {"EDGE_CORS_ALLOWED_ORIGINS": "https://a.example, https://b.example", "EDGE_RATE_LIMIT_RPS": "3"}
+        ) == {
+            "cors_allowed_origins": ("https://a.example", "https://b.example"),
+            "rate_limit_rps": 3,
+            "rate_limit_burst": 6,
+        }
+        with pytest.raises(ValueError, match="EDGE_MAX_REQUEST_BYTES"):
+            envoy.EdgeOptions.edge_settings_from_env({"EDGE_MAX_REQUEST_BYTES": "-1"})
 
 
 class TestClusters:
@@ -257,7 +459,10 @@ class TestEnvoyAcceptsIt:
         ids=["gamed", "nothing-routed", "replicas"],
     )
     def test_validate(self, envoy_binary: str, tmp_path: Path, upstreams: dict[str, Any]) -> None:
-        config = envoy.write(render(upstreams, access_log_path=str(tmp_path / "access.log")), tmp_path / "envoy.json")
+        config = envoy.write(
+            render(upstreams, access_log_path=str(tmp_path / "access.log"), jwt=JWT), tmp_path / "envoy.json"
+        )
+        assert config.stat().st_mode & 0o077 == 0  # it holds the JWT secrets
         result = subprocess.run(
             [envoy_binary, "--mode", "validate", "-c", str(config), "--disable-hot-restart", "-l", "warning"],
             capture_output=True,

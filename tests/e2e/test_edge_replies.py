@@ -1,0 +1,94 @@
+"""Envoy's own replies through the real edge: JSON `google.rpc.Status` for JSON callers, the gRPC status kept for
+gRPC and gRPC-Web callers, and the services' own errors passed through untouched."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+
+import grpc
+import httpx
+import pytest
+from far.gamed.v1 import gamed_service_pb2
+
+from devstack import envoy
+from devstack.stack import Stack
+from tests.conftest import wallet
+from tests.e2e.test_edge_security import EDGE, edge_error
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.envoy_http_url, timeout=10) as client:
+        yield client
+
+
+class TestJsonCallers:
+    def test_unknown_rest_path(self, http: httpx.Client) -> None:
+        response = http.get("/v1/nowhere")
+        assert response.status_code == 404
+        assert edge_error(response) == (5, "NOT_FOUND", EDGE)
+
+    def test_bad_json_and_unknown_query_parameter(self, http: httpx.Client, make_token: Callable[..., str]) -> None:
+        auth = {"authorization": f"Bearer {make_token(wallet(0xED6F), ('publisher',))}"}
+        bad_json = http.post(
+            "/v1/games?gameId=edge-bad", content=b"{not json", headers={**auth, "content-type": "application/json"}
+        )
+        assert bad_json.status_code == 400, bad_json.text
+        assert edge_error(bad_json) == (3, "INVALID_ARGUMENT", EDGE)
+        unknown = http.get("/v1/games?colour=red")
+        assert unknown.status_code == 400, unknown.text
+        assert edge_error(unknown) == (3, "INVALID_ARGUMENT", EDGE)
+
+    def test_service_errors_are_not_rewritten(self, http: httpx.Client) -> None:
+        response = http.get("/v1/games/no-such-game")
+        assert response.status_code == 404
+        assert edge_error(response)[1:] == ("GAME_NOT_FOUND", "gamed.far.network")
+
+    def test_unimplemented_service_keeps_its_reply(self, http: httpx.Client) -> None:
+        response = http.get("/v1/tournaments")
+        assert response.status_code == 501
+        assert response.json()["code"] == 12
+
+
+def test_openapi_document_is_served_by_the_edge(http: httpx.Client) -> None:
+    response = http.get("/openapi.json")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.content == envoy.OPENAPI_DOCUMENT.read_bytes()
+    assert response.json()["openapi"].startswith("3.")
+    assert http.post("/openapi.json").status_code == 404
+
+
+class TestStreamFramingRoutes:
+    @pytest.mark.parametrize("accept", ["application/x-ndjson", "text/event-stream", "application/json"])
+    def test_unary_answers_are_plain_json_whatever_the_accept_header(self, http: httpx.Client, accept: str) -> None:
+        # The Accept header picks a REST route with its own transcoder (stream framing); unary replies
+        # and the edge's own checks are the same through each of them.
+        response = http.get("/v1/games", headers={"accept": accept})
+        assert response.status_code == 200, response.text
+        assert "games" in response.json()
+        unknown = http.get("/v1/games?colour=red", headers={"accept": accept})
+        assert edge_error(unknown) == (3, "INVALID_ARGUMENT", EDGE)
+
+
+class TestGrpcCallers:
+    def test_unknown_service_is_unimplemented(self, envoy_channel: grpc.Channel) -> None:
+        call = envoy_channel.unary_unary("/far.nosuch.v1.NosuchService/Get")
+        with pytest.raises(grpc.RpcError) as raised:
+            call(b"", timeout=5)
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+    def test_grpc_web_refusal_keeps_grpc_status(self, http: httpx.Client) -> None:
+        message = gamed_service_pb2.CreateGameRequest(game_id="edge-web").SerializeToString()
+        response = http.post(
+            "/far.gamed.v1.GamedService/CreateGame",
+            content=struct.pack(">BI", 0, len(message)) + message,
+            headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1"},
+        )
+        # A trailers-only gRPC-Web reply (its HTTP status says 401 too), not a JSON body.
+        assert response.headers["grpc-status"] == "16"
+        assert response.headers["grpc-message"] == "Jwt is missing"
+        assert response.headers["content-type"].startswith("application/grpc-web")
