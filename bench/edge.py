@@ -26,15 +26,14 @@ import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import grpc
 from far.gamed.v1 import build_pb2, game_pb2, gamed_service_pb2, gamed_service_pb2_grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from devstack.stack import Stack, run_migrations
 from servers.common.auth import JwtKeys, TokenIssuer
+from servers.common.db import run_admin_statement, with_database
 from servers.common.embedded import ensure_redis, start_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,18 +58,6 @@ class Case:
     p50_ms: float
     p99_ms: float
     mean_ms: float
-
-
-def _with_database(url: str, database: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
-
-
-async def _admin(url: str, statement: str) -> None:
-    connection = await asyncpg.connect(_with_database(url, "postgres"))
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
 
 
 def _grpc_frame(message: bytes) -> bytes:
@@ -259,9 +246,9 @@ def main() -> int:
         embedded.append(redis)
         redis_url = redis.url
     database = f"far_bench_{secrets.token_hex(4)}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{database}"'))
+    asyncio.run(run_admin_statement(server_url, f'CREATE DATABASE "{database}"'))
     env = {
-        "DATABASE_URL": _with_database(server_url, database),
+        "DATABASE_URL": with_database(server_url, database),
         "REDIS_URL": redis_url,
         "REDIS_KEY_PREFIX": f"far-bench-{secrets.token_hex(4)}:",
         "JWT_SECRET": JWT_SECRET,
@@ -303,7 +290,7 @@ def main() -> int:
                             flush=True,
                         )
     finally:
-        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        asyncio.run(run_admin_statement(server_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
         for server in embedded:
             if server.started:
                 server.stop()

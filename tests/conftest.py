@@ -11,31 +11,18 @@ import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 import redis
 
 from servers.common.auth import JwtKeys, TokenIssuer
+from servers.common.db import run_admin_statement, with_database
 from servers.common.embedded import ensure_redis, start_postgres
 from servers.common.migrations import migrations_dir, upgrade
 
 RUN_ID = secrets.token_hex(4)
 SERVICES = ("auth", "inference", "realtime", "gaming", "desci", "gamed", "gpu", "staking", "ingest")
 TEST_JWT_SECRET = "far-test-secret-" + "0123456789abcdef" * 2
-
-
-def _with_database(url: str, database: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
-
-
-async def _admin(url: str, statement: str) -> None:
-    connection = await asyncpg.connect(_with_database(url, "postgres"))
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
 
 
 @pytest.fixture(scope="session")
@@ -47,11 +34,11 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         embedded = start_postgres(tmp_path_factory.mktemp("postgres"))
         server_url = embedded.url
     name = f"far_test_{RUN_ID}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
+    asyncio.run(run_admin_statement(server_url, f'CREATE DATABASE "{name}"'))
     try:
-        yield _with_database(server_url, name)
+        yield with_database(server_url, name)
     finally:
-        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(run_admin_statement(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         if embedded is not None and embedded.started:
             embedded.stop()
 

@@ -101,6 +101,22 @@ class Database:
         await self.engine.dispose()
 
 
+def with_database(url: str, database: str) -> str:
+    """The same server's URL for another database (`postgresql://h/x` -> `postgresql://h/<database>`)."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
+
+
+async def run_admin_statement(url: str, statement: str) -> None:
+    """Run one statement (CREATE/DROP DATABASE) on the server's `postgres` database, outside a transaction."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    connection = await asyncpg.connect(with_database(url, "postgres"))
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
 def redact(url: str) -> str:
     """The URL without its password, for logs."""
     parts = urlsplit(url)
