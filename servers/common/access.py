@@ -75,9 +75,17 @@ class AccessRule:
             if principal.roles.isdisjoint(self._admitted):
                 raise PermissionDenied(self._denial, reason="MISSING_ROLE")
             return
+        if level == Access.LEVEL_PARTNER and principal.partner and principal.partner in self.partners:
+            return
+        if (
+            level == Access.LEVEL_INTERNAL
+            and principal.service
+            and (not self.services or principal.service in self.services)
+        ):
+            return
         if level in (Access.LEVEL_PARTNER, Access.LEVEL_INTERNAL):
-            # No call carries a partner or service identity until mTLS lands: only the listed roles pass.
-            if self._admitted and not principal.roles.isdisjoint(self._admitted):
+            # Accounts pass only through the roles the declaration lists next to the identities.
+            if self._admitted and principal.is_authenticated and not principal.roles.isdisjoint(self._admitted):
                 return
             raise PermissionDenied(self._denial, reason="PARTNER_ONLY")
         raise PermissionDenied(self._denial, reason="ACCESS_NOT_DECLARED")

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 
@@ -38,10 +38,16 @@ class Principal:
     expires_at: float = 0.0
     session_id: str = ""
     """The auth session the token belongs to (its `sid` claim); empty for tokens issued outside a session."""
+    partner: str = ""
+    """A partner identity (`game-server`, `node-agent`, ...): from a verified client certificate forwarded by
+    the edge, or from a service-issued credential such as a node agent token. Empty for accounts."""
+    service: str = ""
+    """A FAR service identity (`inference`, ...) from the caller's own mTLS certificate. Empty otherwise."""
 
     @property
     def is_authenticated(self) -> bool:
-        return bool(self.subject)
+        """A signed-in account (a wallet); partner and service identities are not accounts."""
+        return bool(self.subject) and not self.partner and not self.service
 
     @property
     def is_admin(self) -> bool:
@@ -52,6 +58,18 @@ class Principal:
 
 
 ANONYMOUS = Principal()
+
+
+class BearerAuthenticator(Protocol):
+    """A service's own bearer credential (e.g. gpu's node agent tokens), tried before the JWT verifier.
+
+    `accepts` must be cheap and specific (a prefix check); `authenticate` returns the caller or raises
+    Unauthenticated. Register one on `Runtime.authenticators` in the service's setup.
+    """
+
+    def accepts(self, token: str) -> bool: ...
+
+    async def authenticate(self, token: str) -> Principal: ...
 
 
 def require_signed_in(principal: Principal) -> Principal:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -16,7 +16,7 @@ from grpc_status import rpc_status
 from opentelemetry import propagate, trace
 
 from servers.common.access import UNDECLARED, AccessRule
-from servers.common.auth import RevocationList, TokenVerifier
+from servers.common.auth import BearerAuthenticator, RevocationList, TokenVerifier
 from servers.common.context import principal_var, request_id_var
 from servers.common.errors import DomainError, Unauthenticated, to_rpc_status
 from servers.common.errors import internal_status as _internal_status
@@ -196,10 +196,18 @@ class AuthInterceptor(AroundInterceptor):
     the revocation list (signed out or revoked: reason TOKEN_REVOKED) when the server has Redis.
     """
 
-    def __init__(self, verifier: TokenVerifier, domain: str, revocations: RevocationList | None = None) -> None:
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        domain: str,
+        revocations: RevocationList | None = None,
+        authenticators: Sequence[BearerAuthenticator] = (),
+    ) -> None:
         self._verifier = verifier
         self._domain = domain
         self._revocations = revocations
+        # The service's own bearer credentials (read at each call: setup may add some after construction).
+        self._authenticators = authenticators
 
     def skip(self, method: str) -> bool:
         return method.startswith(_UNOBSERVED_PREFIXES)
@@ -212,7 +220,12 @@ class AuthInterceptor(AroundInterceptor):
         try:
             if scheme.lower() != "bearer" or not token:
                 raise Unauthenticated("the authorization header must be 'Bearer <token>'", reason="TOKEN_INVALID")
-            principal = self._verifier.verify(token.strip())
+            token = token.strip()
+            for authenticator in self._authenticators:
+                if authenticator.accepts(token):
+                    principal_var.set(await authenticator.authenticate(token))
+                    return
+            principal = self._verifier.verify(token)
             if self._revocations is not None and await self._revocations.is_revoked(principal.token_id):
                 raise Unauthenticated("the access token was revoked (signed out)", reason="TOKEN_REVOKED")
             principal_var.set(principal)

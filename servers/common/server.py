@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from sqlalchemy import Table
 
 from servers.common.access import AccessDeclarationError, access_rules
-from servers.common.auth import RevocationList, TokenVerifier
+from servers.common.auth import BearerAuthenticator, RevocationList, TokenVerifier
 from servers.common.config import ConfigError, Settings
 from servers.common.db import Database, redact
 from servers.common.events import EventBus
@@ -50,6 +50,8 @@ class Runtime:
     redis: Redis | None = None
     events: EventBus | None = None
     revocations: RevocationList | None = None
+    authenticators: list[BearerAuthenticator] = field(default_factory=list)
+    """The service's own bearer credentials, tried before JWTs (see `servers.common.auth.BearerAuthenticator`)."""
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
@@ -159,7 +161,7 @@ async def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:
             RequestIdInterceptor(),
             ObservabilityInterceptor(tracing=tracing),
             # With Redis, revoked (signed-out) access tokens are refused before they expire.
-            AuthInterceptor(TokenVerifier(settings.jwt_keys), domain, runtime.revocations),
+            AuthInterceptor(TokenVerifier(settings.jwt_keys), domain, runtime.revocations, runtime.authenticators),
             # Who may call each method, as its contract declares it; ownership checks stay in the services.
             AccessInterceptor(rules, domain),
             ErrorInterceptor(domain),
