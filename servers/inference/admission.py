@@ -1,0 +1,152 @@
+"""The admission queue: one bounded Redis Stream per model, read by a consumer group of dispatchers.
+
+`admit` is one atomic Lua call: drop the account's expired entries, refuse when the account has too many
+unfinished jobs (`TOO_MANY_JOBS`) or the model's queue is full (`QUEUE_FULL`; both RESOURCE_EXHAUSTED with
+RetryInfo, HTTP 429 through Envoy), else add the job to the account's set and to the queue, returning the
+job's position. A job leaves the queue when someone *claims* it: `XDEL` of its entry returns 1 to exactly
+one claimer, whether that is a dispatcher that read it through the group (`take`) or the replica that
+admitted it and has a free slot right now (`claim`, the fast path with no cross-replica hop).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from servers.common.errors import ResourceExhausted
+
+GROUP = "dispatchers"
+
+_ADMIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return {-2, ''} end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[4]) then return {-1, ''} end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
+return {redis.call('XLEN', KEYS[1]), id}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """An admitted job's place: its queue entry and its position when admitted (1 = next)."""
+
+    model: str
+    job: str
+    entry: str
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_queue: int = 64
+    """Jobs waiting per model; more is QUEUE_FULL."""
+    max_unfinished_per_account: int = 4
+    """Unfinished (queued or running) jobs per account; more is TOO_MANY_JOBS."""
+    job_timeout_s: int = 900
+    """The longest a job may stay counted against its account (a crashed replica's jobs age out)."""
+
+
+class Admission:
+    def __init__(self, redis: Redis, prefix: str, limits: Limits | None = None) -> None:
+        self._redis = redis
+        self._prefix = f"{prefix}inference:"
+        self.limits = limits or Limits()
+        self._admit = redis.register_script(_ADMIT)
+
+    def queue_key(self, model: str) -> str:
+        return f"{self._prefix}queue:{model}"
+
+    def _active_key(self, owner: str) -> str:
+        return f"{self._prefix}active:{owner}"
+
+    async def admit(self, model: str, job: str, owner: str, *, now: float | None = None) -> Ticket:
+        """Queue `job`; ResourceExhausted (`TOO_MANY_JOBS` / `QUEUE_FULL`) when it may not wait."""
+        now = time.time() if now is None else now
+        limits = self.limits
+        answer: Any = await self._admit(
+            keys=[self.queue_key(model), self._active_key(owner)],
+            args=[
+                job,
+                now,
+                now + limits.job_timeout_s,
+                limits.max_queue,
+                limits.max_unfinished_per_account,
+                limits.job_timeout_s,
+            ],
+        )
+        position, entry = int(answer[0]), answer[1]
+        if position == -2:
+            raise ResourceExhausted(
+                f"the account has {limits.max_unfinished_per_account} unfinished jobs already; wait for one to end",
+                reason="TOO_MANY_JOBS",
+                retry_after_s=5.0,
+                metadata={"limit": str(limits.max_unfinished_per_account)},
+            )
+        if position == -1:
+            raise ResourceExhausted(
+                f"the queue of {model} is full ({limits.max_queue} jobs waiting); try again shortly",
+                reason="QUEUE_FULL",
+                retry_after_s=1.0,
+                metadata={"model": model, "queue_limit": str(limits.max_queue)},
+            )
+        return Ticket(model, job, entry.decode() if isinstance(entry, bytes) else str(entry), position)
+
+    async def release(self, job: str, owner: str) -> None:
+        """The job ended: it no longer counts against its account."""
+        await self._redis.zrem(self._active_key(owner), job)
+
+    async def claim(self, ticket: Ticket) -> bool:
+        """Take this replica's own job out of the queue; False when a dispatcher claimed it first."""
+        return int(await self._redis.xdel(self.queue_key(ticket.model), ticket.entry)) == 1
+
+    async def ensure_group(self, model: str) -> None:
+        try:
+            await self._redis.xgroup_create(self.queue_key(model), GROUP, id="0", mkstream=True)
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    async def take(self, model: str, consumer: str, *, block_ms: int) -> str | None:
+        """The next waiting job of `model` this dispatcher won (None when none came within `block_ms`)."""
+        key = self.queue_key(model)
+        answer: Any = await self._redis.xreadgroup(GROUP, consumer, {key: ">"}, count=1, block=block_ms)
+        if not answer:
+            return None
+        for entry_id, fields in answer[0][1]:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xack(key, GROUP, entry_id)
+            pipe.xdel(key, entry_id)
+            _, deleted = await pipe.execute()
+            if int(deleted) == 1 and fields:  # fields are empty for entries deleted (claimed) after delivery
+                job = fields[b"job"]
+                return job.decode() if isinstance(job, bytes) else str(job)
+        return None
+
+    async def position(self, ticket: Ticket) -> int:
+        """The job's place among the jobs still waiting (1 = next); 0 once it was claimed."""
+        key = self.queue_key(ticket.model)
+        entries: Any = await self._redis.xrange(key, min="-", max=ticket.entry)
+        if not entries or _text(entries[-1][0]) != ticket.entry:
+            return 0
+        groups: Any = await self._redis.xinfo_groups(key)
+        delivered = next((_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == GROUP), "0-0")
+        return sum(1 for entry_id, _ in entries if _after(_text(entry_id), delivered))
+
+    async def length(self, model: str) -> int:
+        return int(await self._redis.xlen(self.queue_key(model)))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _after(entry: str, other: str) -> bool:
+    ms, _, seq = entry.partition("-")
+    other_ms, _, other_seq = other.partition("-")
+    return (int(ms), int(seq or 0)) > (int(other_ms), int(other_seq or 0))

@@ -1,0 +1,87 @@
+"""All of inference's SQL. Functions take the caller's session and flush; they never commit."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from far.inference.v1 import job_pb2
+from sqlalchemy import func, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from servers.inference.models import JobRow
+
+QUEUED, RUNNING = job_pb2.Job.STATE_QUEUED, job_pb2.Job.STATE_RUNNING
+UNFINISHED = (QUEUED, RUNNING)
+
+
+async def insert_job(session: AsyncSession, row: JobRow) -> JobRow | None:
+    """Insert the job; None when the owner already has a job with its request id (the caller reads that one)."""
+    values = {c.key: getattr(row, c.key) for c in JobRow.__table__.columns}
+    values = {key: value for key, value in values.items() if value is not None}
+    statement = (
+        insert(JobRow)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["owner", "request_id"], index_where=JobRow.request_id.is_not(None))
+        .returning(JobRow)
+    )
+    return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def get_job(session: AsyncSession, job_id: str, *, for_update: bool = False) -> JobRow | None:
+    query = select(JobRow).where(JobRow.id == job_id)
+    if for_update:
+        query = query.with_for_update()
+    return (await session.execute(query)).scalar_one_or_none()
+
+
+async def job_by_request_id(session: AsyncSession, owner: str, request_id: str) -> JobRow | None:
+    query = select(JobRow).where(JobRow.owner == owner, JobRow.request_id == request_id)
+    return (await session.execute(query)).scalar_one_or_none()
+
+
+async def count_unfinished(session: AsyncSession, owner: str) -> int:
+    query = select(func.count()).select_from(JobRow).where(JobRow.owner == owner, JobRow.state.in_(UNFINISHED))
+    return int((await session.execute(query)).scalar_one())
+
+
+async def list_jobs(
+    session: AsyncSession,
+    *,
+    owner: str,
+    state: int,
+    model: str,
+    after: tuple[datetime, str] | None,
+    limit: int,
+) -> list[JobRow]:
+    """The owner's jobs matching the filters, newest first, after the keyset cursor (create_time, id)."""
+    query = select(JobRow).where(JobRow.owner == owner)
+    if state:
+        query = query.where(JobRow.state == state)
+    if model:
+        query = query.where(JobRow.model == model)
+    if after is not None:
+        query = query.where(tuple_(JobRow.create_time, JobRow.id) < tuple_(*after))
+    query = query.order_by(JobRow.create_time.desc(), JobRow.id.desc()).limit(limit)
+    return list((await session.execute(query)).scalars())
+
+
+async def mark_started(session: AsyncSession, job_id: str, *, node: str, start_time: datetime) -> JobRow | None:
+    """QUEUED -> RUNNING on `node`; None when the job is no longer queued (cancelled meanwhile)."""
+    statement = (
+        update(JobRow)
+        .where(JobRow.id == job_id, JobRow.state == QUEUED)
+        .values(state=RUNNING, node=node, start_time=start_time)
+        .returning(JobRow)
+    )
+    return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def mark_ended(session: AsyncSession, job_id: str, **values: Any) -> JobRow | None:
+    """Set the end of an unfinished job (state, finish reason, usage, output, error, times); None when it
+    had ended already (the first end wins: a cancel racing the last token, a retry of the same end)."""
+    statement = (
+        update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(UNFINISHED)).values(**values).returning(JobRow)
+    )
+    return (await session.execute(statement)).scalar_one_or_none()

@@ -1,0 +1,91 @@
+"""The admission queue on real Redis: bounds, per-account limits, positions, and exactly-once claiming."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+
+from servers.common.errors import ResourceExhausted
+from servers.inference.admission import Admission, Limits
+
+pytestmark = pytest.mark.integration
+
+MODEL = "m1"
+
+
+@pytest.fixture
+async def admission(redis_client: Redis, redis_key_prefix: str, request: pytest.FixtureRequest) -> Admission:
+    # Each test its own key space: the queue key is per model, so name the model space by test.
+    queues = Admission(
+        redis_client, f"{redis_key_prefix}{request.node.name}:", Limits(max_queue=3, max_unfinished_per_account=2)
+    )
+    await queues.ensure_group(MODEL)
+    return queues
+
+
+async def test_positions_count_the_jobs_ahead(admission: Admission) -> None:
+    tickets = [await admission.admit(MODEL, f"j{i}", f"owner{i}") for i in range(3)]
+    assert [t.position for t in tickets] == [1, 2, 3]
+    assert [await admission.position(t) for t in tickets] == [1, 2, 3]
+    assert await admission.take(MODEL, "d1", block_ms=100) == "j0"
+    assert [await admission.position(t) for t in tickets] == [0, 1, 2]
+
+
+async def test_a_full_queue_refuses_with_retry_info(admission: Admission) -> None:
+    for i in range(3):
+        await admission.admit(MODEL, f"j{i}", f"owner{i}")
+    with pytest.raises(ResourceExhausted) as caught:
+        await admission.admit(MODEL, "j3", "owner3")
+    assert caught.value.reason == "QUEUE_FULL"
+    assert caught.value.retry_after_s
+    assert await admission.take(MODEL, "d1", block_ms=100) == "j0"
+    assert (await admission.admit(MODEL, "j3", "owner3")).position == 3  # room again
+
+
+async def test_an_account_may_have_only_so_many_unfinished_jobs(admission: Admission) -> None:
+    await admission.admit(MODEL, "a1", "alice")
+    await admission.admit(MODEL, "a2", "alice")
+    with pytest.raises(ResourceExhausted) as caught:
+        await admission.admit(MODEL, "a3", "alice")
+    assert caught.value.reason == "TOO_MANY_JOBS"
+    assert await admission.length(MODEL) == 2  # the refused job was not queued
+    await admission.release("a1", "alice")
+    await admission.admit(MODEL, "a3", "alice")
+
+
+async def test_entries_of_a_crashed_replica_age_out(admission: Admission) -> None:
+    now = 1_000_000.0
+    await admission.admit(MODEL, "a1", "alice", now=now)
+    await admission.admit(MODEL, "a2", "alice", now=now)
+    await admission.take(MODEL, "d1", block_ms=100)
+    await admission.take(MODEL, "d1", block_ms=100)
+    later = now + admission.limits.job_timeout_s + 1
+    assert (await admission.admit(MODEL, "a3", "alice", now=later)).position == 1
+
+
+async def test_claim_and_take_race_for_a_job_and_exactly_one_wins(admission: Admission) -> None:
+    for round_ in range(20):
+        ticket = await admission.admit(MODEL, f"r{round_}", f"o{round_}")
+        claimed, taken = await asyncio.gather(admission.claim(ticket), admission.take(MODEL, "d1", block_ms=50))
+        assert claimed != (taken == ticket.job), (claimed, taken)
+        assert await admission.position(ticket) == 0
+        await admission.release(ticket.job, f"o{round_}")
+    assert await admission.length(MODEL) == 0
+
+
+async def test_dispatchers_share_the_queue_in_order_without_duplicates(admission: Admission) -> None:
+    admission.limits = Limits(max_queue=100, max_unfinished_per_account=100)
+    jobs = [f"j{i:02d}" for i in range(30)]
+    for job in jobs:
+        await admission.admit(MODEL, job, "bob")
+    won: list[str] = []
+
+    async def dispatcher(name: str) -> None:
+        while (job := await admission.take(MODEL, name, block_ms=50)) is not None:
+            won.append(job)
+
+    await asyncio.gather(dispatcher("d1"), dispatcher("d2"), dispatcher("d3"))
+    assert sorted(won) == jobs
+    assert await admission.take(MODEL, "d1", block_ms=10) is None
