@@ -1,0 +1,157 @@
+"""Creating a job: check its quote, verify its payment on chain, then consume the payment and insert the job in
+one transaction (so a payment pays one job once, and a failed insert leaves the payment unused).
+
+`verify` only reads (Redis for the quote, the chain for the payment) and may run while the model does its
+prefill; `create` is the one write. A retry with the same request id returns the first call's job.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from far.inference.v1 import job_pb2, quote_pb2
+
+from servers.common.auth import Principal
+from servers.common.chain import Chain
+from servers.common.db import UnitOfWork
+from servers.common.errors import FailedPrecondition, InvalidArgument
+from servers.common.payments import (
+    PaymentAlreadyUsed,
+    PaymentMismatch,
+    VerifiedPayment,
+    consume_payment,
+    verify_payment,
+)
+from servers.inference import repository
+from servers.inference.convert import job_input
+from servers.inference.models import PAYMENTS, JobRow
+from servers.inference.quotes import Quotes, new_id
+from servers.inference.requests import JobSpec
+
+JOBS_TOPIC = "inference.jobs"
+
+
+@dataclass(frozen=True, slots=True)
+class Paid:
+    """A verified payment and the quote it pays."""
+
+    quote: quote_pb2.Quote
+    payment: VerifiedPayment
+
+
+async def verify(
+    chain: Chain | None, quotes: Quotes, owner: str, spec: JobSpec, *, prefix: str = ""
+) -> tuple[JobSpec, Paid | None]:
+    """The spec with `max_tokens` resolved against its quote, and the verified payment (None for free models).
+
+    Raises the quote errors (QUOTE_NOT_FOUND, QUOTE_MISMATCH, QUOTE_EXPIRED) and the payment errors of
+    `servers.common.payments.verify_payment`; PAYMENT_MISMATCH (`field` chain_id or block_time) for a payment
+    on another chain or made after the quote expired.
+    """
+    if not spec.paid:
+        return spec, None
+    if chain is None:
+        raise FailedPrecondition(f"{spec.model.name} is paid and this server has no chain", reason="MODEL_UNAVAILABLE")
+    quote = await quotes.get(owner, spec.quote, field=f"{prefix}payment.quote")
+    if quote.model != spec.model.name:
+        raise InvalidArgument(
+            f"{spec.quote} is a quote for {quote.model}, not {spec.model.name}",
+            reason="QUOTE_MISMATCH",
+            metadata={"quote": spec.quote, "field": "model"},
+        )
+    max_tokens = spec.job.max_tokens or quote.max_tokens
+    if max_tokens > quote.max_tokens:
+        raise InvalidArgument(
+            f"max_tokens {max_tokens} is more than the {quote.max_tokens} the quote covers",
+            reason="QUOTE_MISMATCH",
+            metadata={"quote": spec.quote, "field": "max_tokens"},
+        )
+    if time.time() > quote.expire_time.seconds + quotes.policy.redeem_window_s:
+        raise FailedPrecondition(f"{spec.quote} expired", reason="QUOTE_EXPIRED", metadata={"quote": spec.quote})
+    if spec.chain_id != quote.chain_id:
+        raise PaymentMismatch(
+            f"the quote is payable on chain {quote.chain_id}, not {spec.chain_id}",
+            metadata={"tx_hash": spec.tx_hash, "field": "chain_id"},
+        )
+    payment = await verify_payment(
+        chain, spec.tx_hash, job_id=quote.payment_job_id, payer=owner, min_amount=int(quote.price.value)
+    )
+    if payment.block_time.timestamp() > quote.expire_time.seconds:
+        raise PaymentMismatch(
+            f"the payment in {spec.tx_hash} was mined after the quote expired",
+            metadata={"tx_hash": spec.tx_hash, "field": "block_time"},
+        )
+    job = job_pb2.Job()
+    job.CopyFrom(spec.job)
+    job.max_tokens = max_tokens
+    resolved = replace(spec, job=job, generation=replace(spec.generation, max_tokens=max_tokens))
+    return resolved, Paid(quote, payment)
+
+
+def _job_id(spec: JobSpec, paid: Paid | None) -> str:
+    return paid.quote.job.removeprefix("jobs/") if paid is not None else new_id("j")
+
+
+async def create(
+    uow: UnitOfWork, principal: Principal, spec: JobSpec, paid: Paid | None, *, streamed: bool
+) -> tuple[JobRow, bool]:
+    """Insert the job (QUEUED), consuming its payment; returns (row, created).
+
+    created is False when the caller already has a job with this request id (that job is returned, and
+    nothing is consumed). PAYMENT_ALREADY_USED (metadata `job`) when the payment paid a job before.
+    """
+    session = uow.session
+    if spec.request_id:
+        existing = await repository.job_by_request_id(session, principal.subject, spec.request_id)
+        if existing is not None:
+            return existing, False
+    job_id = _job_id(spec, paid)
+    now = datetime.now(UTC)
+    row = JobRow(
+        id=job_id,
+        owner=principal.subject,
+        model=spec.model.name,
+        request_id=spec.request_id or None,
+        streamed=streamed,
+        input=job_input(spec.job),
+        max_tokens=spec.job.max_tokens,
+        state=job_pb2.Job.STATE_QUEUED,
+        node="",
+        prompt_tokens=0,
+        completion_tokens=0,
+        finish_reason=0,
+        output_text="",
+        quote=spec.quote,
+        create_time=now,
+    )
+    if paid is not None:
+        try:
+            await consume_payment(session, PAYMENTS, paid.payment, resource=f"jobs/{job_id}")
+        except PaymentAlreadyUsed as error:
+            if spec.request_id:  # a concurrent retry of this very call consumed it: answer with its job
+                existing = await repository.job_by_request_id(session, principal.subject, spec.request_id)
+                if existing is not None:
+                    return existing, False
+            used_for = error.metadata.get("resource", "")
+            raise PaymentAlreadyUsed(
+                f"this payment paid {used_for or 'another job'} already",
+                metadata={**error.metadata, "job": used_for},
+            ) from None
+        payment = paid.payment
+        row.chain_id = payment.chain_id
+        row.tx_hash = payment.tx_hash
+        row.payment_job_id = payment.payment_job_id
+        row.payer = payment.payer
+        row.amount = Decimal(payment.amount)
+        row.payment_contract = payment.payment_contract
+        row.verify_time = now
+    inserted = await repository.insert_job(session, row)
+    if inserted is None:  # a concurrent retry with the same request id won the race
+        existing = await repository.job_by_request_id(session, principal.subject, spec.request_id)
+        if existing is None:  # pragma: no cover - the conflicting row is committed before we see the conflict
+            raise RuntimeError("request id conflict without a row")
+        return existing, False
+    return inserted, True
