@@ -28,6 +28,7 @@ if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[4]) then return {-1, ''} end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
+redis.call('SET', KEYS[3], id, 'EX', ARGV[6])
 return {redis.call('XLEN', KEYS[1]), id}
 """
 
@@ -65,12 +66,15 @@ class Admission:
     def _active_key(self, owner: str) -> str:
         return f"{self._prefix}active:{owner}"
 
+    def _entry_key(self, job: str) -> str:
+        return f"{self._prefix}entry:{job}"
+
     async def admit(self, model: str, job: str, owner: str, *, now: float | None = None) -> Ticket:
         """Queue `job`; ResourceExhausted (`TOO_MANY_JOBS` / `QUEUE_FULL`) when it may not wait."""
         now = time.time() if now is None else now
         limits = self.limits
         answer: Any = await self._admit(
-            keys=[self.queue_key(model), self._active_key(owner)],
+            keys=[self.queue_key(model), self._active_key(owner), self._entry_key(job)],
             args=[
                 job,
                 now,
@@ -100,6 +104,19 @@ class Admission:
     async def release(self, job: str, owner: str) -> None:
         """The job ended: it no longer counts against its account."""
         await self._redis.zrem(self._active_key(owner), job)
+
+    async def ticket(self, model: str, job: str) -> Ticket | None:
+        """The ticket of a job admitted earlier (by any replica), while its entry is remembered."""
+        entry = await self._redis.get(self._entry_key(job))
+        if entry is None:
+            return None
+        return Ticket(model, job, _text(entry), 0)
+
+    async def withdraw(self, ticket: Ticket, owner: str) -> bool:
+        """Take a job out of the queue and its account's count (it will not run); False if it was claimed."""
+        removed = await self.claim(ticket)
+        await self.release(ticket.job, owner)
+        return removed
 
     async def claim(self, ticket: Ticket) -> bool:
         """Take this replica's own job out of the queue; False when a dispatcher claimed it first."""

@@ -91,12 +91,19 @@ async def verify(
     return resolved, Paid(quote, payment)
 
 
-def _job_id(spec: JobSpec, paid: Paid | None) -> str:
+def job_id_for(spec: JobSpec, paid: Paid | None) -> str:
+    """A paid job takes the id its quote reserved; a free one gets a new id."""
     return paid.quote.job.removeprefix("jobs/") if paid is not None else new_id("j")
 
 
 async def create(
-    uow: UnitOfWork, principal: Principal, spec: JobSpec, paid: Paid | None, *, streamed: bool
+    uow: UnitOfWork,
+    principal: Principal,
+    spec: JobSpec,
+    paid: Paid | None,
+    *,
+    streamed: bool,
+    job_id: str | None = None,
 ) -> tuple[JobRow, bool]:
     """Insert the job (QUEUED), consuming its payment; returns (row, created).
 
@@ -108,7 +115,7 @@ async def create(
         existing = await repository.job_by_request_id(session, principal.subject, spec.request_id)
         if existing is not None:
             return existing, False
-    job_id = _job_id(spec, paid)
+    job_id = job_id or job_id_for(spec, paid)
     now = datetime.now(UTC)
     row = JobRow(
         id=job_id,

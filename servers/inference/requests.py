@@ -51,7 +51,22 @@ class JobSpec:
         return not self.model.free
 
 
-def _check_chat(chat: job_pb2.Chat, problems: Violations, field: str) -> list[dict[str, str]]:
+def generation_from(job: job_pb2.Job) -> Generation:
+    """What the model gets for a (validated) job: its input, max tokens, sampling and stop sequences."""
+    sampling = job.sampling
+    chat = job.WhichOneof("input") == "chat"
+    return Generation(
+        prompt=None if chat else job.prompt,
+        messages=[{"role": _ROLES.get(m.role, ""), "content": m.content} for m in job.chat.messages] if chat else None,
+        max_tokens=job.max_tokens,
+        temperature=sampling.temperature if sampling.HasField("temperature") else None,
+        top_p=sampling.top_p if sampling.HasField("top_p") else None,
+        stop=tuple(job.stop_sequences),
+        seed=sampling.seed if sampling.HasField("seed") else None,
+    )
+
+
+def _check_chat(chat: job_pb2.Chat, problems: Violations, field: str) -> None:
     messages = list(chat.messages)
     if not 1 <= len(messages) <= MAX_CHAT_MESSAGES:
         problems.add(f"{field}.messages", f"must hold 1-{MAX_CHAT_MESSAGES} messages")
@@ -64,7 +79,6 @@ def _check_chat(chat: job_pb2.Chat, problems: Violations, field: str) -> list[di
             problems.add(f"{field}.messages[{index}].role", "a system message may only come first")
     if total > MAX_PROMPT_CHARS:
         problems.add(f"{field}.messages", f"must hold at most {MAX_PROMPT_CHARS} characters in all")
-    return [{"role": _ROLES.get(m.role, ""), "content": m.content} for m in messages]
 
 
 def validate(
@@ -81,7 +95,6 @@ def validate(
     """
     problems = Violations()
     which = job.WhichOneof("input")
-    messages: list[dict[str, str]] | None = None
     if which is None:
         problems.add(f"{prefix}prompt", "a prompt or chat messages are required")
     elif which == "prompt":
@@ -92,7 +105,7 @@ def validate(
             raise InvalidArgument(
                 f"{model.name} takes plain prompts only", reason="CHAT_NOT_SUPPORTED", metadata={"model": model.name}
             )
-        messages = _check_chat(job.chat, problems, f"{prefix}chat")
+        _check_chat(job.chat, problems, f"{prefix}chat")
     sampling = job.sampling
     if sampling.HasField("temperature") and not (
         math.isfinite(sampling.temperature) and 0.0 <= sampling.temperature <= 2.0
@@ -126,15 +139,7 @@ def validate(
     resolved.ClearField("payment")
     if model.free and resolved.max_tokens == 0:
         resolved.max_tokens = min(FREE_DEFAULT_MAX_TOKENS, model.max_output_tokens)
-    generation = Generation(
-        prompt=job.prompt if which == "prompt" else None,
-        messages=messages,
-        max_tokens=resolved.max_tokens,
-        temperature=sampling.temperature if sampling.HasField("temperature") else None,
-        top_p=sampling.top_p if sampling.HasField("top_p") else None,
-        stop=tuple(job.stop_sequences),
-        seed=sampling.seed if sampling.HasField("seed") else None,
-    )
+    generation = generation_from(resolved)
     return JobSpec(
         model=model,
         job=resolved,

@@ -54,7 +54,8 @@ class TokenStreams:
     def __init__(self, redis: Redis, prefix: str, *, ttl_s: int = DEFAULT_TTL_S) -> None:
         self._redis = redis
         self._prefix = f"{prefix}inference:jobs:"
-        self._ttl_s = ttl_s
+        self.ttl_s = ttl_s
+        self.cancel_channel = f"{prefix}inference:cancel"
 
     def key(self, job: str) -> str:
         return f"{self._prefix}{job}:tokens"
@@ -75,11 +76,33 @@ class TokenStreams:
         key = self.key(job)
         pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(key, {"end": end})
-        pipe.expire(key, self._ttl_s)
+        pipe.expire(key, self.ttl_s)
         await pipe.execute()
 
     async def exists(self, job: str) -> bool:
         return bool(await self._redis.exists(self.key(job)))
+
+    @contextlib.asynccontextmanager
+    async def following(self, job: str) -> AsyncIterator[None]:
+        """Count this stream as a follower of `job` while it lasts (a job whose caller left lives on while
+        someone follows it)."""
+        key = f"{self._prefix}{job}:followers"
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, LIVE_TTL_S)
+        await pipe.execute()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await self._redis.decr(key)
+
+    async def followers(self, job: str) -> int:
+        return int(await self._redis.get(f"{self._prefix}{job}:followers") or 0)
+
+    async def request_cancel(self, job: str, reason: str) -> None:
+        """Ask every replica to cancel `job` if it runs there (one of them does)."""
+        await self._redis.publish(self.cancel_channel, f"{job} {reason}")
 
     async def follow(
         self, job: str, from_offset: int = 0, *, tick_s: float = 15.0

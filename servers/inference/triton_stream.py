@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
@@ -147,7 +148,7 @@ async def stream_generation(
                 yield Finish(reason, int(prompt) if prompt is not None else 0, completion_tokens)
                 return
         raise NodeError("the node ended the stream without a finish reason")
-    except InferenceServerException as error:
+    except (InferenceServerException, grpc.RpcError) as error:
         raise NodeError(str(error)) from error
     finally:
         if not finished:

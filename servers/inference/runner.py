@@ -1,0 +1,251 @@
+"""The jobs this replica runs: slots per model, dispatch from the admission queue, cancellation, bookkeeping.
+
+A job runs in a task of its own: it is marked RUNNING, streams from a node (`executor.execute`), and every
+piece goes to the job's token stream (in the background, `TokenWriter`) and to a local listener when the
+caller that created the job is on this replica (the fast path: no Redis hop between the node and that
+caller). Whatever ends the job (the model, an error, a cancel) the ending is written once: the row, the
+job event (outbox), the End entry of the token stream, the account's admission count, the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+from far.inference.v1 import inference_service_pb2, job_pb2
+from google.rpc import code_pb2
+
+from servers.common.db import Database
+from servers.inference import convert, repository
+from servers.inference.admission import Admission
+from servers.inference.catalog import ModelSpec
+from servers.inference.executor import Clients, Outcome, error_status, execute
+from servers.inference.jobs import JOBS_TOPIC
+from servers.inference.nodes import NodeDirectory
+from servers.inference.requests import generation_from
+from servers.inference.token_stream import Delta, TokenStreams, TokenWriter
+from servers.inference.triton_stream import Generation, Piece
+
+log = structlog.get_logger("far.inference.runner")
+
+Listener = Callable[[Piece | inference_service_pb2.GenerateEnd], None]
+
+
+@dataclass
+class _Running:
+    listeners: list[Listener] = field(default_factory=list)
+    cancel_reason: str = "JOB_CANCELLED"
+    task: asyncio.Task[None] | None = None
+
+
+class Slots:
+    """How many jobs of one model this replica may run at once: a semaphore with a non-blocking take."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._changed = asyncio.Event()
+
+    def try_take(self) -> bool:
+        if self.free <= 0:
+            return False
+        self.free -= 1
+        return True
+
+    async def take(self) -> None:
+        while not self.try_take():
+            self._changed.clear()
+            await self._changed.wait()
+
+    def give(self) -> None:
+        self.free += 1
+        self._changed.set()
+
+
+def end_message(row_state: int, outcome: Outcome, ttft_ms: int | None) -> inference_service_pb2.GenerateEnd:
+    end = inference_service_pb2.GenerateEnd(state=job_pb2.Job.State.ValueType(row_state))
+    end.finish_reason = job_pb2.FinishReason.ValueType(outcome.finish_reason)
+    end.usage.prompt_tokens = outcome.prompt_tokens
+    end.usage.completion_tokens = outcome.completion_tokens
+    end.usage.total_tokens = outcome.prompt_tokens + outcome.completion_tokens
+    if ttft_ms is not None:
+        end.time_to_first_token.FromMilliseconds(ttft_ms)
+    if outcome.error is not None:
+        end.error.CopyFrom(outcome.error)
+    end.next_offset = outcome.completion_tokens
+    return end
+
+
+class Runner:
+    def __init__(
+        self,
+        database: Database,
+        admission: Admission,
+        streams: TokenStreams,
+        directory: NodeDirectory,
+        clients: Clients,
+        *,
+        slots_per_model: int = 4,
+    ) -> None:
+        self._db = database
+        self._admission = admission
+        self._streams = streams
+        self._directory = directory
+        self._clients = clients
+        self._slots: dict[str, Slots] = defaultdict(lambda: Slots(slots_per_model))
+        self._running: dict[str, _Running] = {}
+
+    def try_reserve(self, model: ModelSpec) -> bool:
+        """Take a local slot for `model` now if one is free (then `start` must follow, or `unreserve`)."""
+        return self._slots[model.id].try_take()
+
+    def unreserve(self, model: ModelSpec) -> None:
+        self._slots[model.id].give()
+
+    def is_running(self, job_id: str) -> bool:
+        return job_id in self._running
+
+    def start(
+        self, job_id: str, owner: str, model: ModelSpec, generation: Generation, listener: Listener | None = None
+    ) -> None:
+        """Run the job in a task (a slot must be reserved for it)."""
+        running = _Running(listeners=[listener] if listener is not None else [])
+        self._running[job_id] = running
+        running.task = asyncio.create_task(self._run(job_id, owner, model, generation, running), name=f"job:{job_id}")
+
+    def cancel(self, job_id: str, reason: str = "JOB_CANCELLED") -> bool:
+        """Cancel a job running here; False when it does not run on this replica."""
+        running = self._running.get(job_id)
+        if running is None:
+            return False
+        running.cancel_reason = reason
+        if running.task is not None:
+            running.task.cancel()
+        return True
+
+    async def dispatch(self, model: ModelSpec, consumer: str) -> None:
+        """Take jobs of `model` from the admission queue whenever a local slot is free; runs until cancelled."""
+        await self._admission.ensure_group(model.served_as)
+        slots = self._slots[model.id]
+        while True:
+            await slots.take()
+            try:
+                job_id = await self._admission.take(model.served_as, consumer, block_ms=5_000)
+            except BaseException:
+                slots.give()
+                raise
+            if job_id is None:
+                slots.give()
+                continue
+            async with self._db.read() as uow:
+                row = await repository.get_job(uow.session, job_id)
+            if row is None or row.state != job_pb2.Job.STATE_QUEUED:
+                slots.give()
+                continue
+            self.start(job_id, row.owner, model, generation_from(job_pb2.Job.FromString(row.input)))
+
+    async def _run(self, job_id: str, owner: str, model: ModelSpec, generation: Generation, running: _Running) -> None:
+        writer = TokenWriter(self._streams, job_id)
+        outcome = Outcome(state=job_pb2.Job.STATE_RUNNING, finish_reason=job_pb2.FINISH_REASON_UNSPECIFIED)
+        first_token_wall: float | None = None
+        create_time: datetime | None = None
+
+        def on_piece(piece: Piece) -> None:
+            nonlocal first_token_wall
+            if first_token_wall is None:
+                first_token_wall = time.time()
+            outcome.text.append(piece.text)
+            outcome.completion_tokens = piece.offset + piece.token_count
+            writer.push(Delta(piece.text, piece.offset, piece.token_count))
+            for listener in running.listeners:
+                listener(piece)
+
+        try:
+            node = self._directory.pick(model.served_as)
+            async with self._db.transaction() as uow:
+                row = await repository.mark_started(
+                    uow.session, job_id, node=node.name if node else "", start_time=datetime.now(UTC)
+                )
+                if row is None:  # cancelled while it waited
+                    return
+                create_time = row.create_time
+                uow.publish(JOBS_TOPIC, convert.job(row, with_output=False))
+            result = await execute(
+                self._directory, self._clients, model.served_as, generation, job_id=job_id, on_piece=on_piece
+            )
+            result.text = outcome.text
+            outcome = result
+        except asyncio.CancelledError:
+            outcome.state = job_pb2.Job.STATE_CANCELLED
+            outcome.finish_reason = job_pb2.FINISH_REASON_CANCELLED
+            outcome.error = error_status(code_pb2.CANCELLED, running.cancel_reason, "the job was cancelled")
+        except Exception as error:
+            log.exception("job failed", job=job_id)
+            outcome.state = job_pb2.Job.STATE_FAILED
+            outcome.finish_reason = job_pb2.FINISH_REASON_ERROR
+            outcome.error = error_status(
+                code_pb2.INTERNAL, "GENERATION_FAILED", f"the job failed: {type(error).__name__}"
+            )
+        finally:
+            ttft_ms = (
+                int((first_token_wall - create_time.timestamp()) * 1000)
+                if first_token_wall is not None and create_time is not None
+                else None
+            )
+            # The ending must be written even when this task is being cancelled.
+            await asyncio.shield(self._finish(job_id, owner, model, outcome, ttft_ms, writer, running))
+
+    async def _finish(
+        self,
+        job_id: str,
+        owner: str,
+        model: ModelSpec,
+        outcome: Outcome,
+        ttft_ms: int | None,
+        writer: TokenWriter,
+        running: _Running,
+    ) -> None:
+        try:
+            state = outcome.state if outcome.state != job_pb2.Job.STATE_RUNNING else job_pb2.Job.STATE_FAILED
+            end = end_message(state, outcome, ttft_ms)
+            async with self._db.transaction() as uow:
+                values = {
+                    "state": state,
+                    "finish_reason": outcome.finish_reason,
+                    "prompt_tokens": outcome.prompt_tokens,
+                    "completion_tokens": outcome.completion_tokens,
+                    "output_text": "".join(outcome.text),
+                    "error": outcome.error.SerializeToString() if outcome.error is not None else None,
+                    "end_time": datetime.now(UTC),
+                    "time_to_first_token_ms": ttft_ms,
+                }
+                if outcome.node:
+                    values["node"] = outcome.node
+                row = await repository.mark_ended(uow.session, job_id, **values)
+                if row is not None:
+                    uow.publish(JOBS_TOPIC, convert.job(row, with_output=False))
+            try:
+                await writer.close(end.SerializeToString())
+            except Exception:
+                log.exception("token stream end failed", job=job_id)
+            for listener in running.listeners:
+                listener(end)
+        finally:
+            self._running.pop(job_id, None)
+            self._slots[model.id].give()
+            with contextlib.suppress(Exception):
+                await self._admission.release(job_id, owner)
+
+
+def interrupted(state: int, next_offset: int) -> inference_service_pb2.GenerateEnd:
+    """The `final` of a stream that ends before its job (server shutdown): resume with StreamJob."""
+    end = inference_service_pb2.GenerateEnd(state=job_pb2.Job.State.ValueType(state), next_offset=next_offset)
+    end.error.CopyFrom(
+        error_status(code_pb2.UNAVAILABLE, "STREAM_INTERRUPTED", "the stream ended before the job; resume it")
+    )
+    return end

@@ -1,0 +1,368 @@
+"""far.inference.v1.InferenceService: models, quotes, jobs, and the Generate / StreamJob token streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from far.inference.v1 import inference_service_pb2 as pb
+from far.inference.v1 import inference_service_pb2_grpc, job_pb2, model_pb2, quote_pb2
+from google.rpc import code_pb2
+
+from servers.common.auth import Principal, Role
+from servers.common.chain import Chain
+from servers.common.context import current_principal
+from servers.common.db import Database
+from servers.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from servers.common.names import parse_name
+from servers.common.pagination import PageTokens, page_size
+from servers.common.validation import normalize_wallet
+from servers.inference import convert, jobs, repository, streams
+from servers.inference.admission import Admission, Ticket
+from servers.inference.catalog import Catalog, ModelSpec
+from servers.inference.executor import error_status
+from servers.inference.nodes import NodeDirectory
+from servers.inference.prices import Prices
+from servers.inference.quotes import Quotes, token_amount
+from servers.inference.requests import JobSpec, generation_from, validate
+from servers.inference.runner import Runner
+from servers.inference.token_stream import TokenStreams
+from servers.inference.triton_stream import Piece
+
+Context = grpc.aio.ServicerContext[Any, Any]
+JOB_PATTERN = "jobs/{job}"
+DISCONNECT_GRACE_S = 30.0
+_PRIVILEGED = (Role.ADMIN, Role.OPERATOR)
+
+
+@dataclass
+class Parts:
+    """What the servicer works with (built once by server.setup)."""
+
+    database: Database
+    catalog: Catalog
+    prices: Prices
+    quotes: Quotes
+    admission: Admission
+    streams: TokenStreams
+    directory: NodeDirectory
+    runner: Runner
+    page_tokens: PageTokens
+    chain: Chain | None
+
+
+def _visible(principal: Principal, owner: str) -> bool:
+    return principal.subject == owner or principal.has_any_role(*_PRIVILEGED)
+
+
+class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, parts: Parts) -> None:
+        self._p = parts
+        self._watchdogs: set[asyncio.Task[None]] = set()
+
+    # --- Models and quotes ---------------------------------------------------------------------------
+
+    async def _model_message(self, spec: ModelSpec) -> model_pb2.Model:
+        serving = self._p.directory.serving(spec.served_as)
+        price = self._p.prices.price(spec)
+        return model_pb2.Model(
+            name=spec.name,
+            display_name=spec.display_name,
+            description=spec.description,
+            context_length=spec.context_length,
+            max_output_tokens=spec.max_output_tokens,
+            price_per_token=token_amount(price or 0),
+            supports_chat=spec.supports_chat,
+            availability=(
+                model_pb2.Model.AVAILABILITY_AVAILABLE
+                if serving and price is not None
+                else model_pb2.Model.AVAILABILITY_UNAVAILABLE
+            ),
+            serving_node_count=serving,
+            queue_length=await self._p.admission.length(spec.served_as),
+        )
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> model_pb2.Model:
+        return await self._model_message(self._p.quotes.model(request.name, "name"))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
+        size = page_size(request.page_size, default=50, maximum=100)
+        scope = PageTokens.scope("models", request.available_only)
+        after = ""
+        if request.page_token:
+            cursor = self._p.page_tokens.decode(request.page_token, scope=scope)
+            if cursor is None:
+                raise InvalidArgument.field("page_token", "is not a token of this listing")
+            after = str(cursor["after"])
+        models = [await self._model_message(spec) for spec in self._p.catalog if spec.id > after]
+        if request.available_only:
+            models = [m for m in models if m.availability == model_pb2.Model.AVAILABILITY_AVAILABLE]
+        page, rest = models[:size], models[size:]
+        token = (
+            self._p.page_tokens.encode({"after": page[-1].name.removeprefix("models/")}, scope=scope) if rest else ""
+        )
+        return pb.ListModelsResponse(models=page, next_page_token=token)
+
+    async def CreateQuote(self, request: pb.CreateQuoteRequest, context: Context) -> quote_pb2.Quote:
+        return await self._p.quotes.create(current_principal().subject, request.quote)
+
+    async def GetQuote(self, request: pb.GetQuoteRequest, context: Context) -> quote_pb2.Quote:
+        return await self._p.quotes.get(current_principal().subject, request.name)
+
+    # --- Jobs ----------------------------------------------------------------------------------------
+
+    async def _admit_and_create(
+        self, principal: Principal, spec: JobSpec, *, streamed: bool, prefix: str
+    ) -> tuple[job_pb2.Job, Ticket | None]:
+        """Verify, admit, insert. Returns the job and, when this call created it, its admission ticket."""
+        if self._p.directory.serving(spec.model.served_as) == 0:
+            raise FailedPrecondition(
+                f"no healthy node serves {spec.model.name} now",
+                reason="MODEL_UNAVAILABLE",
+                metadata={"model": spec.model.name},
+            )
+        spec, paid = await jobs.verify(self._p.chain, self._p.quotes, principal.subject, spec, prefix=prefix)
+        if spec.request_id:
+            async with self._p.database.read() as uow:
+                existing = await repository.job_by_request_id(uow.session, principal.subject, spec.request_id)
+            if existing is not None:
+                return convert.job(existing), None
+        job_id = jobs.job_id_for(spec, paid)
+        ticket = await self._p.admission.admit(spec.model.served_as, job_id, principal.subject)
+        try:
+            async with self._p.database.transaction() as uow:
+                row, created = await jobs.create(uow, principal, spec, paid, streamed=streamed, job_id=job_id)
+                message = convert.job(row)
+                if created:
+                    message.queue_position = ticket.position
+                    uow.publish(jobs.JOBS_TOPIC, convert.job(row, with_output=False))
+        except BaseException:
+            await self._p.admission.withdraw(ticket, principal.subject)
+            raise
+        if not created:
+            await self._p.admission.withdraw(ticket, principal.subject)
+            return message, None
+        return message, ticket
+
+    async def CreateJob(self, request: pb.CreateJobRequest, context: Context) -> job_pb2.Job:
+        principal = current_principal()
+        model = self._p.quotes.model(request.job.model, "job.model")
+        spec = validate(model, request.job, request_id=request.request_id, prefix="job.")
+        job, _ = await self._admit_and_create(principal, spec, streamed=False, prefix="job.")
+        return job
+
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
+        principal = current_principal()
+        model = self._p.quotes.model(request.model, "model")
+        job = job_pb2.Job(
+            model=request.model,
+            sampling=request.sampling,
+            max_tokens=request.max_tokens,
+            stop_sequences=request.stop_sequences,
+            payment=request.payment,
+        )
+        if request.WhichOneof("input") == "prompt":
+            job.prompt = request.prompt
+        elif request.WhichOneof("input") == "chat":
+            job.chat.CopyFrom(request.chat)
+        spec = validate(model, job, request_id=request.request_id)
+        message, ticket = await self._admit_and_create(principal, spec, streamed=True, prefix="")
+        yield streams.job_message(message)
+        job_id = message.name.removeprefix("jobs/")
+        if ticket is None:  # a retry of an earlier call: follow that job from the start
+            async for response in self._follow(job_id, model, 0):
+                yield response
+            return
+        local = self._p.runner.try_reserve(model)
+        if local and await self._p.admission.claim(ticket):
+            queue: asyncio.Queue[Piece | pb.GenerateEnd] = asyncio.Queue()
+            self._p.runner.start(job_id, principal.subject, model, generation_from(message), queue.put_nowait)
+            finished = False
+            try:
+                async for response in streams.from_listener(queue):
+                    finished = response.HasField("final")
+                    yield response
+            finally:
+                if not finished:
+                    self._watch_disconnect(job_id)
+            return
+        if local:
+            self._p.runner.unreserve(model)
+        try:
+            finished = False
+            async for response in self._follow(job_id, model, 0, ticket=ticket):
+                finished = response.HasField("final")
+                yield response
+        finally:
+            if not finished:
+                self._watch_disconnect(job_id)
+
+    def _watch_disconnect(self, job_id: str) -> None:
+        """The Generate caller went away: cancel its job in 30 s unless someone follows it by then."""
+
+        async def watch() -> None:
+            await asyncio.sleep(DISCONNECT_GRACE_S)
+            if await self._p.streams.followers(job_id) == 0:
+                await self._cancel(job_id, "CALLER_DISCONNECTED")
+
+        task = asyncio.create_task(watch(), name=f"disconnect:{job_id}")
+        self._watchdogs.add(task)
+        task.add_done_callback(self._watchdogs.discard)
+
+    async def _follow(
+        self, job_id: str, model: ModelSpec, from_offset: int, *, ticket: Ticket | None = None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        admission = self._p.admission
+
+        async def position() -> int:
+            found = ticket or await admission.ticket(model.served_as, job_id)
+            return await admission.position(found) if found is not None else 0
+
+        async def ended_without_stream() -> pb.GenerateEnd | None:
+            if await self._p.streams.exists(job_id):
+                return None
+            async with self._p.database.read() as uow:
+                row = await repository.get_job(uow.session, job_id)
+            if row is None or row.state in repository.UNFINISHED:
+                return None
+            return _end_of(row)
+
+        async with self._p.streams.following(job_id):
+            async for response in streams.from_token_stream(
+                self._p.streams,
+                job_id,
+                from_offset,
+                position=position,
+                ended_without_stream=ended_without_stream,
+            ):
+                yield response
+
+    async def StreamJob(self, request: pb.StreamJobRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
+        if request.from_offset < 0:
+            raise InvalidArgument.field("from_offset", "must not be negative")
+        row = await self._visible_job(request.name)
+        spec = self._p.catalog.get(row.model.removeprefix("models/"))
+        if spec is None:
+            raise NotFound(f"there is no model {row.model}", reason="MODEL_NOT_FOUND")
+        ended_long_ago = (
+            row.end_time is not None and (datetime.now(UTC) - row.end_time).total_seconds() > self._p.streams.ttl_s
+        )
+        if ended_long_ago and not await self._p.streams.exists(row.id):
+            raise FailedPrecondition(
+                f"{request.name} ended more than 24 hours ago; read its output with GetJob", reason="STREAM_EXPIRED"
+            )
+        yield streams.job_message(convert.job(row))
+        async for response in self._follow(row.id, spec, request.from_offset):
+            yield response
+
+    async def _visible_job(self, name: str) -> Any:
+        job_id = parse_name(JOB_PATTERN, name)["job"]
+        principal = current_principal()
+        async with self._p.database.read() as uow:
+            row = await repository.get_job(uow.session, job_id)
+        if row is None or not _visible(principal, row.owner):
+            raise NotFound(f"there is no job {name}", reason="JOB_NOT_FOUND", metadata={"job": name})
+        return row
+
+    async def GetJob(self, request: pb.GetJobRequest, context: Context) -> job_pb2.Job:
+        row = await self._visible_job(request.name)
+        message = convert.job(row)
+        if row.state == job_pb2.Job.STATE_QUEUED:
+            ticket = await self._p.admission.ticket(row.model.removeprefix("models/"), row.id)
+            message.queue_position = await self._p.admission.position(ticket) if ticket else 0
+        return message
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
+        principal = current_principal()
+        owner = principal.subject
+        if request.owner:
+            owner = normalize_wallet(request.owner, "owner")
+            if owner != principal.subject and not principal.has_any_role(*_PRIVILEGED):
+                raise PermissionDenied("only admins and operators may list other accounts' jobs")
+        if request.model:
+            parse_name("models/{model}", request.model, field="model")
+        size = page_size(request.page_size, default=20, maximum=100)
+        scope = PageTokens.scope("jobs", owner, int(request.state), request.model)
+        after = None
+        if request.page_token:
+            cursor = self._p.page_tokens.decode(request.page_token, scope=scope)
+            if cursor is None:
+                raise InvalidArgument.field("page_token", "is not a token of this listing")
+            after = (datetime.fromisoformat(str(cursor["t"])), str(cursor["id"]))
+        async with self._p.database.read() as uow:
+            rows = await repository.list_jobs(
+                uow.session, owner=owner, state=int(request.state), model=request.model, after=after, limit=size + 1
+            )
+        page = rows[:size]
+        token = ""
+        if len(rows) > size:
+            token = self._p.page_tokens.encode({"t": page[-1].create_time.isoformat(), "id": page[-1].id}, scope=scope)
+        return pb.ListJobsResponse(jobs=[convert.job(row, with_output=False) for row in page], next_page_token=token)
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> job_pb2.Job:
+        row = await self._visible_job(request.name)
+        principal = current_principal()
+        if row.owner != principal.subject and not principal.is_admin:
+            raise NotFound(f"there is no job {request.name}", reason="JOB_NOT_FOUND", metadata={"job": request.name})
+        if row.state in (job_pb2.Job.STATE_SUCCEEDED, job_pb2.Job.STATE_FAILED):
+            raise FailedPrecondition(f"{request.name} has ended already", reason="JOB_ENDED")
+        if row.state == job_pb2.Job.STATE_CANCELLED:
+            return convert.job(row)
+        await self._cancel(row.id, "JOB_CANCELLED")
+        for _ in range(100):  # the runner ends it within about a token
+            async with self._p.database.read() as uow:
+                row = await repository.get_job(uow.session, row.id)
+            if row is not None and row.state not in repository.UNFINISHED:
+                break
+            await asyncio.sleep(0.05)
+        return convert.job(row)
+
+    async def _cancel(self, job_id: str, reason: str) -> None:
+        """Cancel wherever the job is: queued (ended here), running here, or running on another replica."""
+        if self._p.runner.cancel(job_id, reason):
+            return
+        async with self._p.database.transaction() as uow:
+            row = await repository.get_job(uow.session, job_id, for_update=True)
+            if row is None or row.state not in repository.UNFINISHED:
+                return
+            if row.state == job_pb2.Job.STATE_QUEUED:
+                ticket = await self._p.admission.ticket(row.model.removeprefix("models/"), job_id)
+                if ticket is not None and await self._p.admission.withdraw(ticket, row.owner):
+                    status = error_status(code_pb2.CANCELLED, reason, "the job was cancelled before it started")
+                    ended = await repository.mark_ended(
+                        uow.session,
+                        job_id,
+                        state=job_pb2.Job.STATE_CANCELLED,
+                        finish_reason=job_pb2.FINISH_REASON_CANCELLED,
+                        error=status.SerializeToString(),
+                        end_time=datetime.now(UTC),
+                    )
+                    if ended is not None:
+                        uow.publish(jobs.JOBS_TOPIC, convert.job(ended, with_output=False))
+                        await self._p.streams.end(job_id, _end_of(ended).SerializeToString())
+                    return
+        await self._p.streams.request_cancel(job_id, reason)
+
+    async def close(self) -> None:
+        for task in list(self._watchdogs):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _end_of(row: Any) -> pb.GenerateEnd:
+    end = pb.GenerateEnd(state=row.state, finish_reason=row.finish_reason)
+    end.usage.prompt_tokens = row.prompt_tokens
+    end.usage.completion_tokens = row.completion_tokens
+    end.usage.total_tokens = row.prompt_tokens + row.completion_tokens
+    if row.error:
+        end.error.ParseFromString(row.error)
+    if row.time_to_first_token_ms is not None:
+        end.time_to_first_token.FromMilliseconds(row.time_to_first_token_ms)
+    end.next_offset = row.completion_tokens
+    return end
