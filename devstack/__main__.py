@@ -13,8 +13,13 @@ InferencePayment and Staking, funds dev accounts, writes .run/chain/deployments.
 services BSC_RPC_URL and FAR_TOKEN_ADDRESS / FAR_INFERENCE_PAYMENT_ADDRESS / FAR_STAKING_ADDRESS; with
 BSC_RPC_URL set nothing is deployed and those three addresses must be set (devstack/chain.py).
 
+mTLS: on first start `up` creates a dev CA and certificates in .run/pki/ (devstack/pki.py; reused
+afterwards, never committed): each server listens on mTLS only with its own certificate, Envoy reaches
+them with its certificate, and Envoy's partner listener (ENVOY_PARTNER_PORT, 8443) takes gRPC from
+clients holding a partner certificate (.run/pki/partner-game-server.pem / .key, partner-node-agent).
+
 Port overrides: <SERVICE>_GRPC_PORT, <SERVICE>_METRICS_PORT (e.g. GAMED_GRPC_PORT), ENVOY_HTTP_PORT,
-ENVOY_ADMIN_PORT. DEVSTACK_HOST is where servers listen (127.0.0.1), ENVOY_LISTEN_HOST where
+ENVOY_PARTNER_PORT, ENVOY_ADMIN_PORT. DEVSTACK_HOST is where servers listen (127.0.0.1), ENVOY_LISTEN_HOST where
 Envoy's web listener does (127.0.0.1; 0.0.0.0 to reach it from other machines), DEVSTACK_SERVICES a
 comma-separated subset of services to start, DEVSTACK_RUN_DIR the state directory (.run).
 """
@@ -130,6 +135,17 @@ def _table(rows: Sequence[EndpointRow], envoy_url: str) -> str:
     return "\n".join(lines)
 
 
+def _partner_example(stack: Stack) -> str:
+    """How to call the partner listener as the dev game server, with buf curl."""
+    assert stack.pki is not None
+    files = stack.pki.partner("game-server")
+    return (
+        "  node_modules/.bin/buf curl --protocol grpc --schema generated/descriptors/far.binpb \\\n"
+        f"    --cacert {_rel(stack.pki.ca_file)} --cert {_rel(files.cert)} --key {_rel(files.key)} \\\n"
+        f"    https://{stack.envoy_partner_target}/far.gamed.v1.GamedService/ListGames -d '{{}}'"
+    )
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     say = Console()
     run_dir = _run_dir()
@@ -141,6 +157,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     metrics_ports = {s.name: _env_port(f"{s.name.upper()}_METRICS_PORT", s.metrics_port) for s in services}
     web_port = _env_port("ENVOY_HTTP_PORT", catalog.ENVOY_WEB_PORT)
     admin_port = _env_port("ENVOY_ADMIN_PORT", catalog.ENVOY_ADMIN_PORT)
+    partner_port = _env_port("ENVOY_PARTNER_PORT", catalog.ENVOY_PARTNER_PORT)
 
     embedded: list[EmbeddedServer] = []
     stack: Stack | None = None
@@ -154,7 +171,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         fixed = {f"{name} gRPC, {name.upper()}_GRPC_PORT": port for name, port in grpc_ports.items()}
         fixed |= {f"{name} metrics, {name.upper()}_METRICS_PORT": port for name, port in metrics_ports.items()}
         require_free_ports(host, fixed)
-        require_free_ports(envoy_host, {"Envoy web listener, ENVOY_HTTP_PORT": web_port})
+        require_free_ports(
+            envoy_host,
+            {
+                "Envoy web listener, ENVOY_HTTP_PORT": web_port,
+                "Envoy partner listener, ENVOY_PARTNER_PORT": partner_port,
+            },
+        )
         require_free_ports(envoy_config.ADMIN_HOST, {"Envoy admin, ENVOY_ADMIN_PORT": admin_port})
         fds = catalog.load_descriptor_set()
         catalog.check_descriptor(fds, require=services)
@@ -209,6 +232,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             metrics_ports=metrics_ports,
             envoy_web_port=web_port,
             envoy_admin_port=admin_port,
+            envoy_partner_port=partner_port,
             envoy_listen_host=envoy_host,
             envoy_concurrency=min(4, os.cpu_count() or 1),
             progress=say,
@@ -228,7 +252,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(_table(stack.endpoint_rows(health), stack.envoy_http_url))
         print()
         print(f"Envoy web    {stack.envoy_http_url}  (JSON, gRPC-Web, gRPC over h2c; unknown services: UNIMPLEMENTED)")
+        print(f"Envoy mTLS   https://{stack.envoy_partner_target}  (partners: gRPC with a client certificate)")
         print(f"Envoy admin  {stack.envoy_admin_url}  (loopback only)")
+        if stack.pki is not None:
+            print(f"certificates {_rel(stack.pki.directory)}/  (dev CA, one per service, Envoy and dev partner)")
+            print(_partner_example(stack))
         print(f"config       {_rel(stack.envoy_config_path)}")
         print(f"logs         {_rel(stack.log_dir)}/  ({', '.join(p.name for p in stack.iter_log_files())})")
         for name in ("DATABASE_URL", "REDIS_URL", "BSC_RPC_URL"):
@@ -276,17 +304,25 @@ def cmd_render_envoy(args: argparse.Namespace) -> int:
         upstreams[name] = address
     if not args.upstream:
         upstreams = {s.name: f"127.0.0.1:{s.grpc_port}" for s in catalog.implemented_services()}
+    try:
+        tls = envoy_config.EdgeTls.from_env(os.environ)
+    except ValueError as exc:
+        raise SystemExit(f"devstack: {exc}") from None
     options = envoy_config.EdgeOptions(
         web_port=args.web_port,
         admin_port=args.admin_port,
         listen_host=args.listen_host,
         access_log_path=args.access_log,
         proto_descriptor_path=args.descriptor_path_in_config,
+        tls=tls,
+        partner_port=args.partner_port if tls is not None else None,
         jwt=envoy_config.JwtSettings.from_env(os.environ),
         **envoy_config.EdgeOptions.edge_settings_from_env(os.environ),
     )
     if options.jwt is None:
         print("no JWT_SECRET in the environment: the config has no jwt_authn (the services still verify tokens)")
+    if tls is None:
+        print("no EDGE_TLS_* files in the environment: plaintext upstreams and no partner listener")
     try:
         config = envoy_config.render(catalog.SERVICES, args.descriptor, upstreams, options)
     except (ValueError, FileNotFoundError) as exc:
@@ -340,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     render.add_argument("--listen-host", default="0.0.0.0")
     render.add_argument("--web-port", type=int, default=catalog.ENVOY_WEB_PORT)
     render.add_argument("--admin-port", type=int, default=catalog.ENVOY_ADMIN_PORT)
+    render.add_argument(
+        "--partner-port", type=int, default=catalog.ENVOY_PARTNER_PORT, help="partner mTLS listener (needs EDGE_TLS_*)"
+    )
     render.add_argument("--access-log", default=None, help="access log file (default: Envoy's stdout)")
     render.set_defaults(func=cmd_render_envoy)
     token = sub.add_parser("token", help="print a dev access token for a wallet (signed with .run/jwt_secret)")

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTOR_SET = ROOT / "generated" / "descriptors" / "far.binpb"
 
 ENVOY_WEB_PORT = 8080
-# The partner listener (gRPC over TLS with client certificates) arrives with the mTLS issue.
+# The partner listener: gRPC over TLS with required client certificates from the platform CA.
 ENVOY_PARTNER_PORT = 8443
 ENVOY_ADMIN_PORT = 9901
 REALTIME_SOCKETIO_PORT = 3001
@@ -79,6 +79,37 @@ SERVICES: tuple[Service, ...] = (
     Service("staking", grpc_port=50058, metrics_port=9108),
 )
 BY_NAME: Mapping[str, Service] = {s.name: s for s in SERVICES}
+
+# Partner identities whose client certificates the partner listener admits (their SPIFFE ids:
+# devstack/pki.py); the access declarations name the same ids (`partners: "game-server"`).
+PARTNERS: tuple[str, ...] = ("game-server", "node-agent")
+
+
+@dataclass(frozen=True)
+class RouteRateLimit:
+    """A token bucket at the edge shared by `methods` (gRPC paths), over every way to call them: gRPC,
+    gRPC-Web and each REST binding. On top of the listener's own bucket (EDGE_RATE_LIMIT_RPS)."""
+
+    name: str
+    methods: tuple[str, ...]
+    requests_per_second: int
+    burst: int
+
+
+# Tighter than the listener's default where a call is cheap to send and costly or sensitive to answer:
+# sign-in mints nonces (Redis) and verifies signatures; each Envoy holds its own buckets.
+ROUTE_RATE_LIMITS: tuple[RouteRateLimit, ...] = (
+    RouteRateLimit(
+        "auth-sign-in",
+        (
+            "/far.auth.v1.AuthService/CreateChallenge",
+            "/far.auth.v1.AuthService/SignIn",
+            "/far.auth.v1.AuthService/RefreshSession",
+        ),
+        requests_per_second=50,
+        burst=100,
+    ),
+)
 
 
 def get(name: str) -> Service:

@@ -2,9 +2,11 @@
 
 Pure functions from data to a dict: no per-service blocks are written by hand. Listeners, HTTP
 filters and clusters are each built by a tuple of small functions (`LISTENERS`, `WEB_HTTP_FILTERS`),
-so a later edge feature slots in as one more function: the partner mTLS listener fills in
-`partner_listener`. jwt_authn's rules come from the contracts' `(far.api.v1.access)` declarations and
-REST bindings; its keys from the servers' JWT_* settings, so the rendered file holds secrets.
+so a later edge feature slots in as one more function. jwt_authn's rules come from the contracts'
+`(far.api.v1.access)` declarations and REST bindings; its keys from the servers' JWT_* settings, so the
+rendered file holds secrets. With `EdgeTls` Envoy talks mTLS to every service (checking each one's SPIFFE
+id) and serves the partner listener: gRPC over TLS, client certificates from the platform CA with a SPIFFE
+id on the allow-list, forwarded to the services in `x-forwarded-client-cert`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
 from devstack import catalog
-from devstack.catalog import Service
+from devstack.catalog import RouteRateLimit, Service
+from devstack.pki import spiffe_id
 
 Json = dict[str, Any]
 
@@ -97,6 +100,42 @@ class JwtSettings:
 
 
 @dataclass(frozen=True)
+class EdgeTls:
+    """Envoy's mTLS material: its own certificate (the client certificate towards the services and the
+    server certificate of the partner listener), the platform CA, and the partner SPIFFE ids admitted."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    partner_ids: tuple[str, ...] = tuple(spiffe_id("partner", name) for name in catalog.PARTNERS)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> EdgeTls | None:
+        """EDGE_TLS_CA_FILE, EDGE_TLS_CERT_FILE, EDGE_TLS_KEY_FILE (all or none) and EDGE_PARTNER_IDS
+        (comma-separated SPIFFE ids; default the catalog's partners); None without the files."""
+        names = ("EDGE_TLS_CA_FILE", "EDGE_TLS_CERT_FILE", "EDGE_TLS_KEY_FILE")
+        values = [env.get(name, "").strip() for name in names]
+        if not any(values):
+            return None
+        if not all(values):
+            raise ValueError(f"set all of {', '.join(names)} or none")
+        ca, cert, key = (Path(v) for v in values)
+        return cls(ca, cert, key, partner_ids_from_env(env))
+
+
+def partner_ids_from_env(env: Mapping[str, str]) -> tuple[str, ...]:
+    """EDGE_PARTNER_IDS: comma-separated partner SPIFFE ids; unset, the catalog's partners."""
+    raw = env.get("EDGE_PARTNER_IDS", "").strip()
+    if not raw:
+        return tuple(spiffe_id("partner", name) for name in catalog.PARTNERS)
+    ids = tuple(p.strip() for p in raw.split(",") if p.strip())
+    bad = [i for i in ids if not i.startswith(spiffe_id("partner", ""))]
+    if bad:
+        raise ValueError(f"EDGE_PARTNER_IDS must be {spiffe_id('partner', '<name>')} ids, got {', '.join(bad)}")
+    return ids
+
+
+@dataclass(frozen=True)
 class EdgeOptions:
     """Listener ports and the knobs that differ between `make run`, tests and deployment."""
 
@@ -112,7 +151,9 @@ class EdgeOptions:
     connect_timeout_s: float = 2.0
     stream_idle_timeout_s: int = 3600
     health_check_interval_s: float = 5.0
-    # The partner mTLS listener on catalog.ENVOY_PARTNER_PORT comes with the mTLS issue.
+    # mTLS towards the services and for the partner listener; None: plaintext h2c upstreams, no partners.
+    tls: EdgeTls | None = None
+    # The partner listener (catalog.ENVOY_PARTNER_PORT for make run); needs `tls`.
     partner_port: int | None = None
     max_downstream_connections: int = 10000
     # None: no jwt_authn at the edge (the services still verify every token).
@@ -123,6 +164,8 @@ class EdgeOptions:
     # Generous by default: `make bench` drives several thousand requests a second through one Envoy.
     rate_limit_rps: int = 10000
     rate_limit_burst: int = 20000
+    # Tighter buckets for some methods, each shared by all ways of calling them.
+    route_rate_limits: tuple[RouteRateLimit, ...] = catalog.ROUTE_RATE_LIMITS
     # JSON request bodies above this are refused with 413 (the services cap gRPC messages at 4 MiB too).
     max_request_bytes: int = 4 * 1024 * 1024
     # The OpenAPI document served at GET /openapi.json (Envoy reads it at start); None: not served.
@@ -131,7 +174,8 @@ class EdgeOptions:
     @classmethod
     def edge_settings_from_env(cls, env: Mapping[str, str]) -> dict[str, Any]:
         """The EDGE_* variables as keyword arguments: EDGE_CORS_ALLOWED_ORIGINS (comma-separated),
-        EDGE_RATE_LIMIT_RPS, EDGE_RATE_LIMIT_BURST (default twice the rate), EDGE_MAX_REQUEST_BYTES."""
+        EDGE_RATE_LIMIT_RPS, EDGE_RATE_LIMIT_BURST (default twice the rate), EDGE_MAX_REQUEST_BYTES,
+        EDGE_ROUTE_RATE_LIMITS (`name=rps/burst,...` over catalog.ROUTE_RATE_LIMITS, e.g. `auth-sign-in=5/10`)."""
         found: dict[str, Any] = {}
         origins = env.get("EDGE_CORS_ALLOWED_ORIGINS")
         if origins is not None:
@@ -148,7 +192,24 @@ class EdgeOptions:
                 found[key] = int(value)
         if "rate_limit_rps" in found and "rate_limit_burst" not in found:
             found["rate_limit_burst"] = 2 * found["rate_limit_rps"]
+        overrides = env.get("EDGE_ROUTE_RATE_LIMITS", "").strip()
+        if overrides:
+            found["route_rate_limits"] = _route_limits_with(overrides, catalog.ROUTE_RATE_LIMITS)
         return found
+
+
+def _route_limits_with(overrides: str, limits: Sequence[RouteRateLimit]) -> tuple[RouteRateLimit, ...]:
+    """`limits` with the rates of `name=rps/burst,...` applied; an unknown name or a bad rate is a ValueError."""
+    by_name = {limit.name: limit for limit in limits}
+    for item in filter(None, (part.strip() for part in overrides.split(","))):
+        name, _, rate = item.partition("=")
+        rps, _, burst = rate.partition("/")
+        if name not in by_name:
+            raise ValueError(f"EDGE_ROUTE_RATE_LIMITS: unknown limit {name!r}; known: {', '.join(by_name)}")
+        if not (rps.isdigit() and burst.isdigit() and int(rps) > 0 and int(burst) > 0):
+            raise ValueError(f"EDGE_ROUTE_RATE_LIMITS: {item!r} must be name=requests_per_second/burst")
+        by_name[name] = RouteRateLimit(name, by_name[name].methods, int(rps), int(burst))
+    return tuple(by_name.values())
 
 
 @dataclass(frozen=True)
@@ -311,12 +372,54 @@ def cors_policy(ctx: RenderContext) -> Json:
     )
 
 
-def local_ratelimit_filter(ctx: RenderContext) -> list[Json]:
-    """One token bucket for the listener; an empty bucket is a 429 (gRPC: UNAVAILABLE)."""
+ROUTE_LIMIT_KEY = "route_limit"
+
+
+def _limited_paths(limit: RouteRateLimit, ctx: RenderContext) -> list[list[Json]]:
+    """Header matchers for each way to call `limit`'s methods: its gRPC path, and each REST binding
+    (verb + path template, query string allowed); the filter runs before the transcoder rewrites paths."""
+    found: list[list[Json]] = []
+    for method in limit.methods:
+        bindings = [b for b in ctx.bindings if b.grpc_path == method]
+        if not bindings:
+            raise ValueError(f"rate limit {limit.name}: {method} is not a method of the descriptor set")
+        for binding in bindings:
+            if not binding.http_method:
+                found.append([{"name": ":path", "string_match": {"exact": binding.grpc_path}}])
+                continue
+            regex = template_regex(binding.template) + r"(\?.*)?"
+            found.append(
+                [
+                    {"name": ":path", "string_match": {"safe_regex": {"regex": regex}}},
+                    {"name": ":method", "string_match": {"exact": binding.http_method}},
+                ]
+            )
+    return found
+
+
+def local_ratelimit_filter(ctx: RenderContext, stat_prefix: str = "web_rate_limit") -> list[Json]:
+    """One token bucket for the listener, plus one per `RouteRateLimit` for its methods (a request of
+    those takes a token from both); an empty bucket is a 429 (gRPC: UNAVAILABLE)."""
     opts = ctx.options
+    descriptors = []
+    rate_limits = []
+    for limit in opts.route_rate_limits:
+        descriptors.append(
+            {
+                "entries": [{"key": ROUTE_LIMIT_KEY, "value": limit.name}],
+                "token_bucket": {
+                    "max_tokens": limit.burst,
+                    "tokens_per_fill": limit.requests_per_second,
+                    "fill_interval": "1s",
+                },
+            }
+        )
+        for headers in _limited_paths(limit, ctx):
+            action = {"descriptor_key": ROUTE_LIMIT_KEY, "descriptor_value": limit.name, "headers": headers}
+            rate_limits.append({"actions": [{"header_value_match": action}]})
     config = _typed(
         "filters.http.local_ratelimit.v3.LocalRateLimit",
-        stat_prefix="web_rate_limit",
+        stat_prefix=stat_prefix,
         token_bucket={
             "max_tokens": opts.rate_limit_burst,
             "tokens_per_fill": opts.rate_limit_rps,
@@ -324,6 +427,7 @@ def local_ratelimit_filter(ctx: RenderContext) -> list[Json]:
         },
         filter_enabled={"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
         filter_enforced={"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        **({"descriptors": descriptors, "rate_limits": rate_limits} if descriptors else {}),
     )
     return [{"name": "envoy.filters.http.local_ratelimit", "typed_config": config}]
 
@@ -654,6 +758,8 @@ def web_listener(ctx: RenderContext) -> list[Json]:
         stat_prefix="web",
         codec_type="AUTO",
         use_remote_address=True,
+        # A web client cannot claim a client certificate: any x-forwarded-client-cert it sends is dropped.
+        forward_client_cert_details="SANITIZE",
         normalize_path=True,
         merge_slashes=True,
         path_with_escaped_slashes_action="UNESCAPE_AND_REDIRECT",
@@ -696,11 +802,82 @@ def web_listener(ctx: RenderContext) -> list[Json]:
     ]
 
 
+def _tls_certificate(tls: EdgeTls) -> Json:
+    return {"certificate_chain": {"filename": str(tls.cert_file)}, "private_key": {"filename": str(tls.key_file)}}
+
+
+def _uri_sans(ids: Sequence[str]) -> list[Json]:
+    return [{"san_type": "URI", "matcher": {"exact": i}} for i in ids]
+
+
+def partner_routes(ctx: RenderContext) -> list[Json]:
+    """Every running service by its gRPC prefix; the others answer UNIMPLEMENTED (gRPC only here)."""
+    routes: list[Json] = []
+    for service in ctx.services:
+        if service.name in ctx.upstreams:
+            route = _grpc_route(service, ctx)[0]
+            routes.append({k: v for k, v in route.items() if k != "typed_per_filter_config"})
+        else:
+            routes.append(_unimplemented_routes(service, ctx)[0])
+    return routes
+
+
 def partner_listener(ctx: RenderContext) -> list[Json]:
-    """gRPC over TLS with required client certificates; arrives with the mTLS issue."""
-    if ctx.options.partner_port is not None:
-        raise NotImplementedError("the partner mTLS listener is not built yet")
-    return []
+    """gRPC over TLS for partners (game servers, node agents): a client certificate is required, must chain
+    to the platform CA and carry a SPIFFE id on the allow-list (`EdgeTls.partner_ids`), or the handshake
+    fails. The verified id travels to the service in `x-forwarded-client-cert` (`URI=...`), replacing any
+    the client sent; the services' auth interceptor makes it the partner principal."""
+    opts = ctx.options
+    if opts.partner_port is None:
+        return []
+    if opts.tls is None:
+        raise ValueError("the partner listener needs EdgeTls (the platform CA and Envoy's certificate)")
+    hcm = _typed(
+        "filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="partner",
+        codec_type="HTTP2",
+        use_remote_address=True,
+        normalize_path=True,
+        merge_slashes=True,
+        forward_client_cert_details="SANITIZE_SET",
+        set_current_client_cert_details={"uri": True},
+        stream_idle_timeout="300s",
+        request_headers_timeout="10s",
+        common_http_protocol_options={"idle_timeout": "3600s", "headers_with_underscores_action": "REJECT_REQUEST"},
+        http2_protocol_options={"max_concurrent_streams": 100},
+        access_log=_access_log(ctx, "partner"),
+        route_config={
+            "name": "partner",
+            "virtual_hosts": [{"name": "far-partner", "domains": ["*"], "routes": partner_routes(ctx)}],
+        },
+        http_filters=[*local_ratelimit_filter(ctx, "partner_rate_limit"), *router_filter(ctx)],
+    )
+    tls_context = _typed(
+        "transport_sockets.tls.v3.DownstreamTlsContext",
+        require_client_certificate=True,
+        common_tls_context={
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+            "tls_certificates": [_tls_certificate(opts.tls)],
+            "validation_context": {
+                "trusted_ca": {"filename": str(opts.tls.ca_file)},
+                "match_typed_subject_alt_names": _uri_sans(opts.tls.partner_ids),
+            },
+            "alpn_protocols": ["h2"],
+        },
+    )
+    return [
+        {
+            "name": "partner",
+            "address": _address(opts.listen_host, opts.partner_port),
+            "per_connection_buffer_limit_bytes": 1048576,
+            "filter_chains": [
+                {
+                    "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}],
+                    "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": tls_context},
+                }
+            ],
+        }
+    ]
 
 
 ListenerFn = Callable[[RenderContext], list[Json]]
@@ -716,6 +893,26 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _upstream_tls(service: Service, ctx: RenderContext) -> Json:
+    """mTLS to the service: Envoy's certificate as the client's, and the server must be that service
+    (its certificate chains to the platform CA and its URI SAN is the service's SPIFFE id)."""
+    tls = ctx.options.tls
+    if tls is None:
+        return {}
+    context = _typed(
+        "transport_sockets.tls.v3.UpstreamTlsContext",
+        common_tls_context={
+            "tls_certificates": [_tls_certificate(tls)],
+            "validation_context": {
+                "trusted_ca": {"filename": str(tls.ca_file)},
+                "match_typed_subject_alt_names": _uri_sans([spiffe_id("service", service.name)]),
+            },
+            "alpn_protocols": ["h2"],
+        },
+    )
+    return {"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": context}}
 
 
 def service_cluster(service: Service, endpoints: Sequence[Endpoint], ctx: RenderContext) -> Json:
@@ -738,6 +935,7 @@ def service_cluster(service: Service, endpoints: Sequence[Endpoint], ctx: Render
             "cluster_name": service.name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(e.host, e.port)}} for e in endpoints]}],
         },
+        **_upstream_tls(service, ctx),
         "health_checks": [
             {
                 "timeout": "1s",

@@ -2,10 +2,15 @@
 
     with Stack(["gamed"], env={"DATABASE_URL": ..., "REDIS_URL": ..., "JWT_SECRET": ...},
                run_dir=tmp_path) as stack:
-        grpc.insecure_channel(stack.grpc_target("gamed"))   # the server itself
-        grpc.insecure_channel(stack.envoy_grpc_target)       # through Envoy
-        httpx.get(f"{stack.envoy_http_url}/v1/games")        # JSON through Envoy
+        grpc.secure_channel(stack.grpc_target("gamed"),                  # the server itself (mTLS)
+                            stack.client_credentials("service", "e2e"))
+        grpc.insecure_channel(stack.envoy_grpc_target)                   # through Envoy's web listener
+        grpc.secure_channel(stack.envoy_partner_target,                  # Envoy's partner listener
+                            stack.client_credentials("partner", "game-server"))
+        httpx.get(f"{stack.envoy_http_url}/v1/games")                    # JSON through Envoy
 
+By default (`mtls=True`) the stack has a dev PKI in `run_dir/pki` (devstack/pki.py): every server listens
+on mTLS only (GRPC_TLS_*), Envoy reaches them with its own certificate and serves the partner listener.
 Servers start first (each with READY_FILE; port 0 means "pick one", read back from the file), then
 Envoy with a config rendered for the ports they got. `stop()` stops servers, then Envoy.
 """
@@ -21,11 +26,12 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from devstack import catalog
 from devstack import envoy as envoy_config
 from devstack.catalog import Service
+from devstack.pki import DevPki
 from devstack.processes import (
     ManagedProcess,
     ProcessDied,
@@ -36,6 +42,9 @@ from devstack.processes import (
     stop_all,
     wait_until,
 )
+
+if TYPE_CHECKING:
+    import grpc
 
 Progress = Callable[[str], None]
 
@@ -99,8 +108,9 @@ class Stack:
 
     `env` is added to the environment of every server (DATABASE_URL, REDIS_URL, JWT_SECRET, ...).
     Ports are 0 ("pick a free one") unless given: `grpc_ports` / `metrics_ports` per service,
-    `envoy_web_port` / `envoy_admin_port`. `commands` replaces `python -m servers.<name>` for a
-    service (a stand-in server in a test). `metrics=False` leaves METRICS_LISTEN empty.
+    `envoy_web_port` / `envoy_admin_port` / `envoy_partner_port`. `commands` replaces `python -m
+    servers.<name>` for a service (a stand-in server in a test). `metrics=False` leaves METRICS_LISTEN
+    empty. `mtls=False` runs plaintext servers and no partner listener, as before mTLS.
     """
 
     def __init__(
@@ -116,6 +126,8 @@ class Stack:
         metrics: bool = True,
         envoy_web_port: int = 0,
         envoy_admin_port: int = 0,
+        envoy_partner_port: int = 0,
+        mtls: bool = True,
         envoy_listen_host: str | None = None,
         envoy_concurrency: int | None = 2,
         descriptor_path: Path = catalog.DESCRIPTOR_SET,
@@ -136,6 +148,9 @@ class Stack:
         self.metrics = metrics
         self._web_port_wanted = envoy_web_port
         self._admin_port_wanted = envoy_admin_port
+        self._partner_port_wanted = envoy_partner_port
+        self.mtls = mtls
+        self.pki: DevPki | None = None
         self.envoy_listen_host = envoy_listen_host or host
         self.envoy_concurrency = envoy_concurrency
         self.descriptor_path = descriptor_path
@@ -147,6 +162,7 @@ class Stack:
         self.envoy_process: ManagedProcess | None = None
         self.envoy_web_port: int | None = None
         self.envoy_admin_port: int | None = None
+        self.envoy_partner_port: int | None = None
         self._processes: list[ManagedProcess] = []
 
     # --- paths and addresses ---------------------------------------------------------------------
@@ -174,6 +190,21 @@ class Stack:
     def envoy_grpc_target(self) -> str:
         """Envoy's web listener as a gRPC target (h2c): `127.0.0.1:PORT`."""
         return f"{self._connect_host(self.envoy_listen_host)}:{self._require(self.envoy_web_port)}"
+
+    @property
+    def envoy_partner_target(self) -> str:
+        """Envoy's partner listener (gRPC over mTLS): `127.0.0.1:PORT`."""
+        return f"{self._connect_host(self.envoy_listen_host)}:{self._require(self.envoy_partner_port)}"
+
+    def client_credentials(self, kind: str, name: str) -> grpc.ChannelCredentials:
+        """gRPC credentials presenting `spiffe://far.network/<kind>/<name>` (issued by the stack's CA if
+        new) and trusting only that CA; for the servers' ports and the partner listener."""
+        import grpc
+
+        if self.pki is None:
+            raise RuntimeError("this stack runs without mTLS (mtls=False)")
+        cert, key = self.pki.ensure_identity(kind, name).read()
+        return grpc.ssl_channel_credentials(self.pki.ca_file.read_bytes(), key, cert)
 
     @property
     def envoy_http_url(self) -> str:
@@ -215,6 +246,10 @@ class Stack:
         """
         try:
             self._check_fixed_ports()
+            if self.mtls:
+                self.pki = DevPki.ensure(
+                    self.run_dir / "pki", services=[s.name for s in self.services], partners=catalog.PARTNERS
+                )
             self._start_servers()
             if self.envoy_enabled:
                 self._start_envoy()
@@ -249,7 +284,10 @@ class Stack:
                 fixed[f"{service.name} metrics"] = self.metrics_ports.get(service.name, 0)
         require_free_ports(self.host, fixed)
         if self.envoy_enabled:
-            require_free_ports(self.envoy_listen_host, {"Envoy web listener": self._web_port_wanted})
+            listeners = {"Envoy web listener": self._web_port_wanted}
+            if self.mtls:
+                listeners["Envoy partner listener"] = self._partner_port_wanted
+            require_free_ports(self.envoy_listen_host, listeners)
             require_free_ports(envoy_config.ADMIN_HOST, {"Envoy admin": self._admin_port_wanted})
 
     def _server_argv(self, service: Service) -> list[str]:
@@ -271,6 +309,13 @@ class Stack:
             METRICS_LISTEN=metrics_listen,
             READY_FILE=str(self._ready_file(service)),
         )
+        if self.pki is not None:
+            files = self.pki.service(service.name)
+            env.update(
+                GRPC_TLS_CERT_FILE=str(files.cert),
+                GRPC_TLS_KEY_FILE=str(files.key),
+                GRPC_TLS_CLIENT_CA_FILE=str(self.pki.ca_file),
+            )
         return env
 
     def _start_servers(self) -> None:
@@ -309,12 +354,21 @@ class Stack:
 
     # --- Envoy -------------------------------------------------------------------------------------
 
-    def render_envoy(self, web_port: int, admin_port: int) -> dict[str, Any]:
+    def _edge_tls(self, env: Mapping[str, str]) -> envoy_config.EdgeTls | None:
+        if self.pki is None:
+            return None
+        edge = self.pki.edge()
+        return envoy_config.EdgeTls(self.pki.ca_file, edge.cert, edge.key, envoy_config.partner_ids_from_env(env))
+
+    def render_envoy(self, web_port: int, admin_port: int, partner_port: int | None = None) -> dict[str, Any]:
         upstreams = {name: f"{self._connect_host(self.host)}:{info.grpc_port}" for name, info in self.servers.items()}
         env = {**os.environ, **self.env}
+        tls = self._edge_tls(env)
         options = envoy_config.EdgeOptions(
             web_port=web_port,
             admin_port=admin_port,
+            tls=tls,
+            partner_port=partner_port if tls is not None else None,
             listen_host=self.envoy_listen_host,
             access_log_path=str(self.log_dir / "envoy-access.log"),
             # The servers' own JWT settings: the edge verifies tokens with the same keys.
@@ -324,12 +378,13 @@ class Stack:
         return envoy_config.render(catalog.SERVICES, self.descriptor_path, upstreams, options)
 
     def _start_envoy(self) -> None:
-        picked = not self._web_port_wanted or not self._admin_port_wanted
+        picked = not self._web_port_wanted or not self._admin_port_wanted or not self._partner_port_wanted
         attempts = 3 if picked else 1
         for attempt in range(attempts):
             web_port = self._web_port_wanted or free_port(self.envoy_listen_host)
             admin_port = self._admin_port_wanted or free_port(envoy_config.ADMIN_HOST)
-            envoy_config.write(self.render_envoy(web_port, admin_port), self.envoy_config_path)
+            partner_port = (self._partner_port_wanted or free_port(self.envoy_listen_host)) if self.mtls else None
+            envoy_config.write(self.render_envoy(web_port, admin_port, partner_port), self.envoy_config_path)
             proc = ManagedProcess(
                 "envoy",
                 envoy_config.envoy_argv(self.envoy_config_path, concurrency=self.envoy_concurrency),
@@ -340,6 +395,7 @@ class Stack:
             self._processes.append(proc)
             self.progress(f"envoy: started (pid {proc.pid}), config {self.envoy_config_path}, log {proc.log_path}")
             self.envoy_web_port, self.envoy_admin_port = web_port, admin_port
+            self.envoy_partner_port = partner_port
             try:
                 wait_until(self._envoy_ready, timeout=self.start_timeout, what="Envoy to be ready", watch=[proc])
             except ProcessDied:
@@ -412,12 +468,15 @@ class Stack:
         yield from sorted(self.log_dir.glob("*.log"))
 
 
-def grpc_health(target: str, service: str = "", timeout: float = 2.0) -> str:
+def grpc_health(
+    target: str, service: str = "", timeout: float = 2.0, credentials: grpc.ChannelCredentials | None = None
+) -> str:
     """The grpc.health.v1 status name of `service` at `target`, or the error code's name."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -431,8 +490,11 @@ def grpc_health(target: str, service: str = "", timeout: float = 2.0) -> str:
 def wait_healthy(stack: Stack, timeout: float = 30.0) -> dict[str, str]:
     """Wait until every server of `stack` answers SERVING for its full service name; the statuses."""
 
+    # Asked as the edge asks: with Envoy's certificate when the servers want one.
+    credentials = stack.client_credentials("edge", "envoy") if stack.pki is not None else None
+
     def serving(target: str, service: str) -> str | None:
-        status = grpc_health(target, service)
+        status = grpc_health(target, service, credentials=credentials)
         return status if status == "SERVING" else None
 
     deadline = time.monotonic() + timeout

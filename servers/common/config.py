@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from servers.common.auth import JwtKeys
+from servers.common.tls import ServerTls, TlsFilesError
 
 
 class ConfigError(Exception):
@@ -109,6 +110,8 @@ class Settings:
     traces_exporter: str
     drain_delay_s: float
     shutdown_grace_s: float
+    tls: ServerTls | None = None
+    """mTLS (GRPC_TLS_*): the server then listens on TLS only and requires a client certificate."""
 
     @property
     def error_domain(self) -> str:
@@ -157,4 +160,24 @@ class Settings:
             traces_exporter=env.choice("OTEL_TRACES_EXPORTER", "none", ("none", "console", "otlp")),
             drain_delay_s=env.number("DRAIN_DELAY_SECONDS", 0.5),
             shutdown_grace_s=env.number("SHUTDOWN_GRACE_SECONDS", 5.0),
+            tls=_server_tls(env),
         )
+
+
+TLS_VARIABLES = ("GRPC_TLS_CERT_FILE", "GRPC_TLS_KEY_FILE", "GRPC_TLS_CLIENT_CA_FILE")
+
+
+def _server_tls(env: Env) -> ServerTls | None:
+    """The server's certificate, key and client CA from GRPC_TLS_*: all three or none (plaintext)."""
+    paths = {name: env.text(name) for name in TLS_VARIABLES}
+    given = [name for name, value in paths.items() if value]
+    if not given:
+        return None
+    if len(given) < len(TLS_VARIABLES):
+        missing = ", ".join(name for name in TLS_VARIABLES if name not in given)
+        raise ConfigError(f"{', '.join(given)} set but not {missing}: mTLS needs all of {', '.join(TLS_VARIABLES)}")
+    cert, key, ca = (Path(paths[name] or "") for name in TLS_VARIABLES)
+    try:
+        return ServerTls.load(cert, key, ca)
+    except TlsFilesError as error:
+        raise ConfigError(f"GRPC_TLS_*: {error}") from None

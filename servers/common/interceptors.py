@@ -16,11 +16,12 @@ from grpc_status import rpc_status
 from opentelemetry import propagate, trace
 
 from servers.common.access import UNDECLARED, AccessRule
-from servers.common.auth import BearerAuthenticator, RevocationList, TokenVerifier
+from servers.common.auth import BearerAuthenticator, Principal, RevocationList, TokenVerifier
 from servers.common.context import principal_var, request_id_var
 from servers.common.errors import DomainError, Unauthenticated, to_rpc_status
 from servers.common.errors import internal_status as _internal_status
 from servers.common.observability import RPC_HANDLED, RPC_LATENCY
+from servers.common.tls import XFCC_HEADER, PeerKind, peer_of, peer_spiffe_id, xfcc_partner
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
@@ -36,6 +37,17 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | No
         if name == key:
             return value if isinstance(value, str) else value.decode()
     return None
+
+
+def _bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The token of `authorization: Bearer <token>`; None without the header, TOKEN_INVALID when malformed."""
+    header = _metadata(context, "authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("the authorization header must be 'Bearer <token>'", reason="TOKEN_INVALID")
+    return token.strip()
 
 
 async def abort_with_error(context: grpc.aio.ServicerContext[Any, Any], error: DomainError, domain: str) -> None:
@@ -189,11 +201,18 @@ class ObservabilityInterceptor(AroundInterceptor):
 
 
 class AuthInterceptor(AroundInterceptor):
-    """Verifies `authorization: Bearer <jwt>` when present and puts the caller in a contextvar.
+    """Finds out who is calling and puts the caller in a contextvar.
 
-    A call without a token runs as ANONYMOUS; the AccessInterceptor then applies the method's declaration.
-    A bad or expired token is UNAUTHENTICATED before the service sees the call, and so is a token on
-    the revocation list (signed out or revoked: reason TOKEN_REVOKED) when the server has Redis.
+    Without mTLS: `authorization: Bearer <jwt>` when present, else ANONYMOUS. With mTLS (`mtls=True`, the
+    server requires client certificates) the peer certificate's SPIFFE id comes first, on every call,
+    health and reflection included (servers/common/tls.py): another FAR service is that service unless it
+    passes an account's bearer token along; the edge forwards a partner (`x-forwarded-client-cert`) or an
+    account's token; any other identity is UNAUTHENTICATED (`PEER_NOT_ALLOWED`). The forwarded-certificate
+    header counts from the edge only and is ignored on plaintext servers, where anyone could send it.
+
+    The AccessInterceptor then applies the method's declaration. A bad or expired token is UNAUTHENTICATED
+    before the service sees the call, and so is a token on the revocation list (signed out or revoked:
+    reason TOKEN_REVOKED) when the server has Redis.
     """
 
     def __init__(
@@ -202,46 +221,70 @@ class AuthInterceptor(AroundInterceptor):
         domain: str,
         revocations: RevocationList | None = None,
         authenticators: Sequence[BearerAuthenticator] = (),
+        *,
+        mtls: bool = False,
     ) -> None:
         self._verifier = verifier
         self._domain = domain
         self._revocations = revocations
         # The service's own bearer credentials (read at each call: setup may add some after construction).
         self._authenticators = authenticators
+        self._mtls = mtls
 
     def skip(self, method: str) -> bool:
-        return method.startswith(_UNOBSERVED_PREFIXES)
+        return not self._mtls and method.startswith(_UNOBSERVED_PREFIXES)
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        header = _metadata(context, "authorization")
-        if header is None:
-            return
-        scheme, _, token = header.partition(" ")
+    async def _authenticate(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         try:
-            if scheme.lower() != "bearer" or not token:
-                raise Unauthenticated("the authorization header must be 'Bearer <token>'", reason="TOKEN_INVALID")
-            token = token.strip()
-            for authenticator in self._authenticators:
-                if authenticator.accepts(token):
-                    principal_var.set(await authenticator.authenticate(token))
-                    return
-            principal = self._verifier.verify(token)
-            if self._revocations is not None and await self._revocations.is_revoked(principal.token_id):
-                raise Unauthenticated("the access token was revoked (signed out)", reason="TOKEN_REVOKED")
-            principal_var.set(principal)
+            peer = peer_of(peer_spiffe_id(context.auth_context())) if self._mtls else None
+            if method.startswith(_UNOBSERVED_PREFIXES):
+                return
+            token = _bearer_token(context)
+            partner = xfcc_partner(_metadata(context, XFCC_HEADER)) if peer and peer.kind is PeerKind.EDGE else None
+            if partner is not None:
+                principal: Principal | None = await self._partner(partner, token)
+            else:
+                principal = await self._bearer(token) if token is not None else None
+            if principal is None and peer is not None and peer.kind is PeerKind.SERVICE:
+                principal = Principal(subject=peer.spiffe_id, service=peer.name)
+            if principal is not None:
+                principal_var.set(principal)
         except DomainError as error:
             await abort_with_error(context, error, self._domain)
+
+    async def _partner(self, partner: Principal, token: str | None) -> Principal:
+        """The partner whose certificate the edge verified; a service credential of the same partner kind that
+        comes with it (a node agent's token names the node) is the more specific caller. Account tokens are
+        not consulted: the certificate is the partner's credential."""
+        for authenticator in self._authenticators:
+            if token is not None and authenticator.accepts(token):
+                specific = await authenticator.authenticate(token)
+                if specific.partner != partner.partner:
+                    raise Unauthenticated(
+                        f"the bearer credential is not a {partner.partner} credential", reason="PEER_NOT_ALLOWED"
+                    )
+                return specific
+        return partner
+
+    async def _bearer(self, token: str) -> Principal:
+        for authenticator in self._authenticators:
+            if authenticator.accepts(token):
+                return await authenticator.authenticate(token)
+        principal = self._verifier.verify(token)
+        if self._revocations is not None and await self._revocations.is_revoked(principal.token_id):
+            raise Unauthenticated("the access token was revoked (signed out)", reason="TOKEN_REVOKED")
+        return principal
 
     async def unary(
         self, method: str, behavior: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
-        await self._authenticate(context)
+        await self._authenticate(method, context)
         return await behavior(request, context)
 
     async def stream(
         self, method: str, behavior: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        await self._authenticate(context)
+        await self._authenticate(method, context)
         async for response in behavior(request, context):
             yield response
 

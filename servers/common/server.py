@@ -161,7 +161,14 @@ async def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:
             RequestIdInterceptor(),
             ObservabilityInterceptor(tracing=tracing),
             # With Redis, revoked (signed-out) access tokens are refused before they expire.
-            AuthInterceptor(TokenVerifier(settings.jwt_keys), domain, runtime.revocations, runtime.authenticators),
+            # With mTLS, the peer certificate's SPIFFE id first (servers/common/tls.py).
+            AuthInterceptor(
+                TokenVerifier(settings.jwt_keys),
+                domain,
+                runtime.revocations,
+                runtime.authenticators,
+                mtls=settings.tls is not None,
+            ),
             # Who may call each method, as its contract declares it; ownership checks stay in the services.
             AccessInterceptor(rules, domain),
             ErrorInterceptor(domain),
@@ -188,7 +195,11 @@ async def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([*spec.service_names, health_name, reflection.SERVICE_NAME], server)
         try:
-            port = server.add_insecure_port(settings.grpc_listen)
+            # With mTLS configured the server has no plaintext port at all.
+            if settings.tls is not None:
+                port = server.add_secure_port(settings.grpc_listen, settings.tls.server_credentials())
+            else:
+                port = server.add_insecure_port(settings.grpc_listen)
         except RuntimeError:  # grpcio raises (older versions returned 0) when the address is in use
             port = 0
         if port == 0:
@@ -201,7 +212,13 @@ async def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:
     for name in ("", *spec.service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = settings.grpc_listen.rpartition(":")[0]
-    log.info("serving", grpc=f"{host}:{port}", metrics_port=metrics_port, services=list(spec.service_names))
+    log.info(
+        "serving",
+        grpc=f"{host}:{port}",
+        tls="mtls" if settings.tls else "plaintext",
+        metrics_port=metrics_port,
+        services=list(spec.service_names),
+    )
     return RunningServer(server, port, metrics_port, runtime, health_servicer)
 
 

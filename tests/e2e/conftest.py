@@ -1,8 +1,9 @@
 """The platform as `make run` starts it: real server processes behind a real Envoy.
 
 `stack` (session-scoped) runs the migrations of SERVICES the way `make run` does, starts
-`python -m servers.<service>` for each on a free port and Envoy on free ports in front of them, and stops
-them all at the end of the run whatever happens. Logs: `stack.log_dir` (printed when a test fails).
+`python -m servers.<service>` for each on a free port (mTLS only, certificates from the stack's dev CA) and
+Envoy on free ports in front of them, and stops them all at the end of the run whatever happens.
+Logs: `stack.log_dir` (printed when a test fails).
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def envoy_channel(stack: Stack) -> Iterator[grpc.Channel]:
 
 @pytest.fixture(scope="session")
 def gamed_channel_direct(stack: Stack) -> Iterator[grpc.Channel]:
-    """A gRPC channel straight to the gamed server process, bypassing Envoy."""
-    with grpc.insecure_channel(stack.grpc_target("gamed")) as channel:
+    """A gRPC channel straight to the gamed server process, bypassing Envoy: mTLS as a FAR service (`e2e`),
+    which acts for the account whose token a call carries."""
+    with grpc.secure_channel(stack.grpc_target("gamed"), stack.client_credentials("service", "e2e")) as channel:
         yield channel
 
 

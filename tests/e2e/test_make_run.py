@@ -14,8 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from far.gamed.v1 import gamed_service_pb2, gamed_service_pb2_grpc
 
 from devstack import catalog
 from devstack.processes import free_port
@@ -59,7 +61,12 @@ def test_make_run_brings_the_platform_up_and_ctrl_c_stops_it(tmp_path: Path) -> 
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "BSC_RPC_URL", "JWT_SECRET")}
     env |= {"DEVSTACK_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
-    ports = {"ENVOY_HTTP_PORT": free_port(), "ENVOY_ADMIN_PORT": free_port(), "ANVIL_PORT": free_port()}
+    ports = {
+        "ENVOY_HTTP_PORT": free_port(),
+        "ENVOY_PARTNER_PORT": free_port(),
+        "ENVOY_ADMIN_PORT": free_port(),
+        "ANVIL_PORT": free_port(),
+    }
     for service in catalog.implemented_services():
         ports[f"{service.name.upper()}_GRPC_PORT"] = free_port()
         ports[f"{service.name.upper()}_METRICS_PORT"] = free_port()
@@ -98,6 +105,23 @@ def test_make_run_brings_the_platform_up_and_ctrl_c_stops_it(tmp_path: Path) -> 
         assert challenge.status_code == 200, challenge.text
         assert "wants you to sign in with your Ethereum account" in challenge.json()["message"]
         assert (run_dir / "chain" / "deployments.json").exists()
+        # The dev PKI was made on this first start: keys for the owner only, the partner call printed.
+        assert (run_dir / "pki" / "ca.pem").exists()
+        assert (run_dir / "pki" / "service-gamed.key").stat().st_mode & 0o777 == 0o600
+        assert f"https://127.0.0.1:{ports['ENVOY_PARTNER_PORT']}" in output
+        assert "--cert" in output
+        assert "partner-game-server.pem" in output
+        pki = run_dir / "pki"
+        creds = grpc.ssl_channel_credentials(
+            (pki / "ca.pem").read_bytes(),
+            (pki / "partner-game-server.key").read_bytes(),
+            (pki / "partner-game-server.pem").read_bytes(),
+        )
+        with grpc.secure_channel(f"127.0.0.1:{ports['ENVOY_PARTNER_PORT']}", creds) as channel:
+            listed = gamed_service_pb2_grpc.GamedServiceStub(channel).ListGames(
+                gamed_service_pb2.ListGamesRequest(), timeout=10
+            )
+        assert list(listed.games) == []
         assert (run_dir / "logs" / "gamed.log").exists()
         # The chain event ingester follows the dev chain (its first steps publish the deployment's events).
         assert "ingest: started" in output

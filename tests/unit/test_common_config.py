@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack.pki import DevPki
 from servers.common.config import ConfigError, Env, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,6 +198,53 @@ class TestEnvInteger:
     def test_required(self) -> None:
         with pytest.raises(ConfigError, match=r"^BUCKET is not set: name the bucket$"):
             Env({}).required("BUCKET", "name the bucket")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    return DevPki.ensure(tmp_path_factory.mktemp("pki"), services=["gamed", "auth"])
+
+
+def tls_env(pki: DevPki, service: str = "gamed") -> dict[str, str]:
+    files = pki.service(service)
+    return {
+        "GRPC_TLS_CERT_FILE": str(files.cert),
+        "GRPC_TLS_KEY_FILE": str(files.key),
+        "GRPC_TLS_CLIENT_CA_FILE": str(pki.ca_file),
+    }
+
+
+class TestTls:
+    def test_none_means_plaintext(self) -> None:
+        assert settings().tls is None
+        assert settings(GRPC_TLS_CERT_FILE="", GRPC_TLS_KEY_FILE=" ").tls is None
+
+    def test_all_three_load_the_files(self, pki: DevPki) -> None:
+        tls = settings(**tls_env(pki)).tls
+        assert tls is not None
+        assert tls.cert_chain == pki.service("gamed").cert.read_bytes()
+        assert tls.client_ca == pki.ca_file.read_bytes()
+        assert "PRIVATE" not in repr(tls)
+
+    @pytest.mark.parametrize("left_out", ["GRPC_TLS_CERT_FILE", "GRPC_TLS_KEY_FILE", "GRPC_TLS_CLIENT_CA_FILE"])
+    def test_all_or_none(self, pki: DevPki, left_out: str) -> None:
+        env = {k: v for k, v in tls_env(pki).items() if k != left_out}
+        message = config_error(JWT_SECRET=SECRET, **env)
+        assert f"but not {left_out}" in message
+        assert "mTLS needs all of GRPC_TLS_CERT_FILE, GRPC_TLS_KEY_FILE, GRPC_TLS_CLIENT_CA_FILE" in message
+
+    def test_missing_file(self, pki: DevPki, tmp_path: Path) -> None:
+        missing = tmp_path / "nope.pem"
+        message = config_error(JWT_SECRET=SECRET, **{**tls_env(pki), "GRPC_TLS_CLIENT_CA_FILE": str(missing)})
+        assert message.startswith(f"GRPC_TLS_*: {missing}:")
+
+    def test_not_a_certificate(self, pki: DevPki) -> None:
+        env = {**tls_env(pki), "GRPC_TLS_CERT_FILE": str(pki.service("gamed").key)}
+        assert "no PEM certificate" in config_error(JWT_SECRET=SECRET, **env)
+
+    def test_key_of_another_certificate(self, pki: DevPki) -> None:
+        env = {**tls_env(pki), "GRPC_TLS_KEY_FILE": str(pki.service("auth").key)}
+        assert "is not the key of the certificate" in config_error(JWT_SECRET=SECRET, **env)
 
 
 class TestProcess:

@@ -15,6 +15,7 @@ from google.protobuf import descriptor_pb2
 
 from devstack import catalog, envoy
 from devstack.__main__ import main as devstack_main
+from devstack.pki import DevPki
 
 GAMED = catalog.get("gamed")
 UPSTREAM = "127.0.0.1:50056"
@@ -487,3 +488,205 @@ class TestEnvoyAcceptsIt:
             check=False,
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    return DevPki.ensure(tmp_path_factory.mktemp("pki"), services=["gamed"], partners=catalog.PARTNERS)
+
+
+def edge_tls(pki: DevPki, **overrides: Any) -> envoy.EdgeTls:
+    edge = pki.edge()
+    return envoy.EdgeTls(pki.ca_file, edge.cert, edge.key, **overrides)
+
+
+def listener(config: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [lst for lst in config["static_resources"]["listeners"] if lst["name"] == name]
+    return dict(found)
+
+
+def uri_sans(context: dict[str, Any]) -> list[str]:
+    matchers = context["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
+    assert {m["san_type"] for m in matchers} == {"URI"}
+    return [m["matcher"]["exact"] for m in matchers]
+
+
+class TestMtls:
+    def test_plaintext_without_tls(self) -> None:
+        config = render()
+        assert not [lst for lst in config["static_resources"]["listeners"] if lst["name"] == "partner"]
+        assert "transport_socket" not in config["static_resources"]["clusters"][0]
+
+    def test_upstreams_over_mtls_checking_each_service_identity(self, pki: DevPki) -> None:
+        (cluster,) = render(tls=edge_tls(pki))["static_resources"]["clusters"]
+        socket = cluster["transport_socket"]
+        assert socket["name"] == "envoy.transport_sockets.tls"
+        context = socket["typed_config"]
+        assert context["@type"].endswith("UpstreamTlsContext")
+        common = context["common_tls_context"]
+        assert common["tls_certificates"] == [
+            {"certificate_chain": {"filename": str(pki.edge().cert)}, "private_key": {"filename": str(pki.edge().key)}}
+        ]
+        assert common["validation_context"]["trusted_ca"] == {"filename": str(pki.ca_file)}
+        assert uri_sans(context) == ["spiffe://far.network/service/gamed"]
+        assert common["alpn_protocols"] == ["h2"]
+        # Health checks and outlier detection go over the same mTLS connection.
+        assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == GAMED.service_name
+        assert cluster["outlier_detection"]["consecutive_5xx"] > 0
+
+    def test_partner_listener_requires_an_allowed_client_certificate(self, pki: DevPki) -> None:
+        partner = listener(render(tls=edge_tls(pki), partner_port=18443, listen_host="0.0.0.0"), "partner")
+        assert partner["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 18443}
+        (chain,) = partner["filter_chains"]
+        context = chain["transport_socket"]["typed_config"]
+        assert context["@type"].endswith("DownstreamTlsContext")
+        assert context["require_client_certificate"] is True
+        assert context["common_tls_context"]["validation_context"]["trusted_ca"] == {"filename": str(pki.ca_file)}
+        assert uri_sans(context) == [
+            "spiffe://far.network/partner/game-server",
+            "spiffe://far.network/partner/node-agent",
+        ]
+        narrowed = listener(
+            render(tls=edge_tls(pki, partner_ids=("spiffe://far.network/partner/game-server",)), partner_port=1),
+            "partner",
+        )
+        assert uri_sans(narrowed["filter_chains"][0]["transport_socket"]["typed_config"]) == [
+            "spiffe://far.network/partner/game-server"
+        ]
+
+    def test_partner_listener_forwards_the_verified_identity_and_routes_grpc(self, pki: DevPki) -> None:
+        partner = listener(render(tls=edge_tls(pki), partner_port=18443), "partner")
+        hcm = partner["filter_chains"][0]["filters"][0]["typed_config"]
+        assert hcm["forward_client_cert_details"] == "SANITIZE_SET"
+        assert hcm["set_current_client_cert_details"] == {"uri": True}
+        assert hcm["codec_type"] == "HTTP2"
+        names = [f["name"] for f in hcm["http_filters"]]
+        assert names == ["envoy.filters.http.local_ratelimit", "envoy.filters.http.router"]
+        (vhost,) = hcm["route_config"]["virtual_hosts"]
+        by_prefix = {r["match"]["prefix"]: r for r in vhost["routes"]}
+        assert by_prefix[GAMED.grpc_prefix]["route"]["cluster"] == "gamed"
+        unrouted = by_prefix[catalog.get("gaming").grpc_prefix]
+        assert unrouted["direct_response"]["status"] == 200
+        assert {"key": "grpc-status", "value": "12"} in [h["header"] for h in unrouted["response_headers_to_add"]]
+
+    def test_partner_listener_needs_tls(self) -> None:
+        with pytest.raises(ValueError, match="EdgeTls"):
+            render(partner_port=18443)
+
+    def test_web_listener_drops_forwarded_client_certificates(self, pki: DevPki) -> None:
+        for config in (render(), render(tls=edge_tls(pki), partner_port=18443)):
+            assert web_hcm(config)["forward_client_cert_details"] == "SANITIZE"
+
+    def test_edge_tls_from_env(self, pki: DevPki) -> None:
+        assert envoy.EdgeTls.from_env({}) is None
+        env = {"EDGE_TLS_CA_FILE": "/s/ca.pem", "EDGE_TLS_CERT_FILE": "/s/edge.pem", "EDGE_TLS_KEY_FILE": "/s/edge.key"}
+        tls = envoy.EdgeTls.from_env(env)
+        assert tls == envoy.EdgeTls(Path("/s/ca.pem"), Path("/s/edge.pem"), Path("/s/edge.key"))
+        assert len(tls.partner_ids) == len(catalog.PARTNERS)
+        only = envoy.EdgeTls.from_env({**env, "EDGE_PARTNER_IDS": "spiffe://far.network/partner/game-server"})
+        assert only is not None
+        assert only.partner_ids == ("spiffe://far.network/partner/game-server",)
+        with pytest.raises(ValueError, match="all of"):
+            envoy.EdgeTls.from_env({"EDGE_TLS_CA_FILE": "/s/ca.pem"})
+        with pytest.raises(ValueError, match="EDGE_PARTNER_IDS"):
+            envoy.EdgeTls.from_env({**env, "EDGE_PARTNER_IDS": "spiffe://far.network/service/gamed"})
+
+
+SIGN_IN = "auth-sign-in"
+
+
+def route_limits(config: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    limit = http_filter(config, "envoy.filters.http.local_ratelimit")
+    return limit["descriptors"], limit["rate_limits"]
+
+
+def limited_matchers(rate_limits: list[dict[str, Any]], name: str) -> list[list[dict[str, Any]]]:
+    found = []
+    for rate_limit in rate_limits:
+        (action,) = rate_limit["actions"]
+        match = action["header_value_match"]
+        assert match["descriptor_key"] == envoy.ROUTE_LIMIT_KEY
+        if match["descriptor_value"] == name:
+            found.append(match["headers"])
+    return found
+
+
+class TestRouteRateLimits:
+    def test_a_bucket_per_limit_from_the_catalog(self) -> None:
+        descriptors, _ = route_limits(render())
+        (sign_in,) = [d for d in descriptors if d["entries"] == [{"key": envoy.ROUTE_LIMIT_KEY, "value": SIGN_IN}]]
+        (configured,) = [limit for limit in catalog.ROUTE_RATE_LIMITS if limit.name == SIGN_IN]
+        assert sign_in["token_bucket"] == {
+            "max_tokens": configured.burst,
+            "tokens_per_fill": configured.requests_per_second,
+            "fill_interval": "1s",
+        }
+        # Tighter than the listener's default bucket.
+        assert configured.requests_per_second < envoy.EdgeOptions().rate_limit_rps
+
+    def test_grpc_and_rest_paths_of_each_method_share_the_bucket(self) -> None:
+        _, rate_limits = route_limits(render())
+        matchers = limited_matchers(rate_limits, SIGN_IN)
+        exact = {h[0]["string_match"].get("exact") for h in matchers if len(h) == 1}
+        assert "/far.auth.v1.AuthService/CreateChallenge" in exact
+        assert "/far.auth.v1.AuthService/SignIn" in exact
+        rest = [h for h in matchers if len(h) == 2]
+        assert {h[1]["string_match"]["exact"] for h in rest} == {"POST"}
+        regexes = [h[0]["string_match"]["safe_regex"]["regex"] for h in rest]
+        assert any(re.fullmatch(r, "/v1/challenges?foo=1") for r in regexes)
+        assert any(re.fullmatch(r, "/v1/sessions:signIn") for r in regexes)
+        assert not any(re.fullmatch(r, "/v1/games") for r in regexes)
+
+    def test_partner_listener_has_the_same_limits(self, pki: DevPki) -> None:
+        partner = listener(render(tls=edge_tls(pki), partner_port=18443), "partner")
+        hcm = partner["filter_chains"][0]["filters"][0]["typed_config"]
+        (limit,) = [f["typed_config"] for f in hcm["http_filters"] if f["name"].endswith("local_ratelimit")]
+        assert limit["stat_prefix"] == "partner_rate_limit"
+        assert limited_matchers(limit["rate_limits"], SIGN_IN)
+
+    def test_overrides_from_env(self) -> None:
+        found = envoy.EdgeOptions.edge_settings_from_env({"EDGE_ROUTE_RATE_LIMITS": f"{SIGN_IN}=2/3"})
+        (limit,) = [limit for limit in found["route_rate_limits"] if limit.name == SIGN_IN]
+        assert (limit.requests_per_second, limit.burst) == (2, 3)
+        with pytest.raises(ValueError, match="unknown limit"):
+            envoy.EdgeOptions.edge_settings_from_env({"EDGE_ROUTE_RATE_LIMITS": "nosuch=1/1"})
+        with pytest.raises(ValueError, match="requests_per_second/burst"):
+            envoy.EdgeOptions.edge_settings_from_env({"EDGE_ROUTE_RATE_LIMITS": f"{SIGN_IN}=0/1"})
+
+    def test_a_limit_on_an_unknown_method_is_refused(self) -> None:
+        bogus = catalog.RouteRateLimit("bogus", ("/far.auth.v1.AuthService/Nope",), 1, 1)
+        with pytest.raises(ValueError, match="Nope"):
+            render(route_rate_limits=(bogus,))
+
+    def test_no_limits_no_descriptors(self) -> None:
+        limit = http_filter(render(route_rate_limits=()), "envoy.filters.http.local_ratelimit")
+        assert "descriptors" not in limit
+        assert "rate_limits" not in limit
+
+
+class TestEnvoyAcceptsMtls:
+    def test_validate(self, envoy_binary: str, pki: DevPki, tmp_path: Path) -> None:
+        config = envoy.write(
+            render({"gamed": UPSTREAM}, jwt=JWT, tls=edge_tls(pki), partner_port=18443), tmp_path / "envoy.json"
+        )
+        result = subprocess.run(
+            [envoy_binary, "--mode", "validate", "-c", str(config), "--disable-hot-restart", "-l", "warning"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def test_render_envoy_command_with_edge_tls_files(
+        self, pki: DevPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("EDGE_TLS_CA_FILE", str(pki.ca_file))
+        monkeypatch.setenv("EDGE_TLS_CERT_FILE", str(pki.edge().cert))
+        monkeypatch.setenv("EDGE_TLS_KEY_FILE", str(pki.edge().key))
+        out = tmp_path / "edge.json"
+        args = ["render-envoy", "--out", str(out), "--upstream", "gamed=gamed:50056", "--partner-port", "9443"]
+        assert devstack_main(args) == 0
+        config = json.loads(out.read_text())
+        assert listener(config, "partner")["address"]["socket_address"]["port_value"] == 9443
+        assert "transport_socket" in config["static_resources"]["clusters"][0]
