@@ -145,11 +145,18 @@ def _check_can_edit(game: GameRow, principal: Principal) -> None:
         raise PermissionDenied(f"only the publisher of games/{game.id} or an admin may change it")
 
 
+def _check_text(v: Violations, value: str, field: str, *, maximum: int, minimum: int = 0) -> None:
+    """Free text: its length, and no U+0000, which PostgreSQL text cannot hold (the write would fail as INTERNAL)."""
+    v.check_length(value, field, minimum=minimum, maximum=maximum)
+    if "\x00" in value:
+        v.add(field, "must not contain NUL characters")
+
+
 def _validate_game_fields(fields: GameFields, paths: set[str], v: Violations) -> None:
     if "display_name" in paths:
-        v.check_length(fields.display_name.strip(), "game.display_name", minimum=1, maximum=200)
+        _check_text(v, fields.display_name.strip(), "game.display_name", minimum=1, maximum=200)
     if "description" in paths:
-        v.check_length(fields.description, "game.description", maximum=10_000)
+        _check_text(v, fields.description, "game.description", maximum=10_000)
     if "genres" in paths:
         if len(fields.genres) > 10:
             v.add("game.genres", "must have at most 10 genres")
@@ -244,8 +251,7 @@ class Catalog:
         order_by = " ".join(q.order_by.lower().split()) or "create_time desc"
         if order_by not in repo.GAME_ORDERS:
             v.add("order_by", f"must be one of: {', '.join(repo.GAME_ORDERS)}")
-        if len(q.query) > 200:
-            v.add("query", "must be at most 200 characters")
+        _check_text(v, q.query, "query", maximum=200)
         if q.genre and not GENRE.match(q.genre):
             v.add("genre", "must be 1-40 lower-case letters, digits or hyphens")
         if q.platform and q.platform not in PLATFORMS:
@@ -338,7 +344,7 @@ class Catalog:
             v.add("build.platform", "must be a platform (WINDOWS, MACOS, LINUX, ANDROID, IOS, WEB)")
         if not SEMVER.match(spec.version) or len(spec.version) > 64:
             v.add("build.version", "must be a Semantic Version such as 1.4.0, at most 64 characters")
-        v.check_length(spec.release_notes, "build.release_notes", maximum=10_000)
+        _check_text(v, spec.release_notes, "build.release_notes", maximum=10_000)
         assets = _validate_assets(spec.assets, v)
         v.raise_if_any()
         row = BuildRow(
@@ -487,7 +493,7 @@ class Catalog:
         _check_can_edit(game, principal)
         v = Violations()
         v.check_resource_id(channel_id, "channel_id")
-        v.check_length(description, "channel.description", maximum=1000)
+        _check_text(v, description, "channel.description", maximum=1000)
         v.raise_if_any()
         row = ChannelRow(game_id=game.id, id=channel_id, description=description)
         if not await repo.insert_channel(uow.session, row):

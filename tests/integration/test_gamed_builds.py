@@ -263,6 +263,20 @@ class TestCreateBuild:
             fields=["build_id", "build.platform", "build.release_notes"],
         )
 
+    async def test_nul_in_release_notes_is_invalid(self, gamed: Stub, auth: Auth) -> None:
+        pub = publisher(gamed, auth)
+        game = await pub.create_game()
+        await expect_error(
+            gamed.CreateBuild(
+                gamed_service_pb2.CreateBuildRequest(
+                    parent=game.name, build=build_message(WINDOWS, "1.0.0", release_notes="notes\x00")
+                ),
+                metadata=pub.metadata,
+            ),
+            INVALID,
+            fields=["build.release_notes"],
+        )
+
     async def test_only_the_publisher_or_an_admin(self, gamed: Stub, auth: Auth) -> None:
         owner = publisher(gamed, auth)
         published = await owner.published_game()

@@ -87,6 +87,7 @@ class TestCreateChannel:
             fields=["channel_id", "channel.description"],
         )
         await expect_error(pub.create_channel(game.name, ""), INVALID, fields=["channel_id"])
+        await expect_error(pub.create_channel(game.name, "beta", "\x00"), INVALID, fields=["channel.description"])
 
     async def test_only_the_publisher_or_an_admin(self, gamed: Stub, auth: Auth) -> None:
         owner = publisher(gamed, auth)
