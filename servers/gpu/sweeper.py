@@ -1,0 +1,95 @@
+"""The liveness sweeper: one replica at a time (a Redis lease) turns silent nodes UNHEALTHY, ends drains
+whose grace period ran out, and prunes old telemetry history. A silent node is UNHEALTHY at most
+4 report intervals after its last report (3 for its live key to expire, 1 for the next sweep)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+import structlog
+from redis.asyncio import Redis
+
+from servers.common.db import Database
+from servers.gpu import convert
+from servers.gpu.history import History
+from servers.gpu.registry import NODES_TOPIC, Registry
+
+log = structlog.get_logger("far.gpu.sweeper")
+PRUNE_EVERY_S = 3600.0
+
+# Take the lease when it is free, extend it when it is ours.
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+class LivenessSweeper:
+    def __init__(
+        self,
+        database: Database,
+        registry: Registry,
+        history: History,
+        redis: Redis,
+        key_prefix: str,
+        *,
+        interval_s: float,
+    ) -> None:
+        self._db = database
+        self._registry = registry
+        self._history = history
+        self._redis = redis
+        self._key = f"{key_prefix}gpu:sweeper"
+        self._me = uuid.uuid4().hex
+        self._interval_s = interval_s
+        self._pruned_at = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="gpu-sweeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            if await self._redis.get(self._key) == self._me.encode():
+                await self._redis.delete(self._key)
+
+    async def _leading(self) -> bool:
+        lease_ms = int(self._interval_s * 3000)
+        return bool(await self._redis.eval(_LEASE, 1, self._key, self._me, lease_ms))
+
+    async def sweep_once(self) -> int:
+        """One pass; returns how many nodes changed."""
+        async with self._db.transaction() as uow:
+            changes = await self._registry.sweep(uow)
+            for change in changes:
+                uow.publish(NODES_TOPIC, convert.node(change.row))
+        for change in changes:
+            await self._registry.announce(change)
+        if time.monotonic() - self._pruned_at > PRUNE_EVERY_S:
+            await self._history.prune()
+            self._pruned_at = time.monotonic()
+        return len(changes)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if await self._leading():
+                    await self.sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("liveness sweep failed; retrying", exc_info=True)
+            await asyncio.sleep(self._interval_s)
