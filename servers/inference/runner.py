@@ -27,6 +27,7 @@ from servers.inference.admission import Admission
 from servers.inference.catalog import ModelSpec
 from servers.inference.executor import Clients, Outcome, error_status, execute
 from servers.inference.jobs import JOBS_TOPIC
+from servers.inference.models import JobRow
 from servers.inference.nodes import NodeDirectory
 from servers.inference.requests import generation_from
 from servers.inference.token_stream import Delta, TokenStreams, TokenWriter
@@ -135,19 +136,35 @@ class Runner:
         while True:
             await slots.take()
             try:
-                job_id = await self._admission.take(model.served_as, consumer, block_ms=5_000)
-            except BaseException:
+                # Short blocks: redis-py 7 gives every read a 5 s socket timeout, blocking ones included.
+                job_id = await self._admission.take(model.served_as, consumer, block_ms=1_000)
+            except asyncio.CancelledError:
                 slots.give()
                 raise
+            except Exception as error:  # Redis away: wait and try again, the queue is still there
+                slots.give()
+                log.warning("dispatch failed", model=model.id, error=str(error))
+                await asyncio.sleep(1.0)
+                continue
             if job_id is None:
                 slots.give()
                 continue
-            async with self._db.read() as uow:
-                row = await repository.get_job(uow.session, job_id)
+            row = await self._queued_row(job_id)
             if row is None or row.state != job_pb2.Job.STATE_QUEUED:
                 slots.give()
                 continue
             self.start(job_id, row.owner, model, generation_from(job_pb2.Job.FromString(row.input)))
+
+    async def _queued_row(self, job_id: str, *, wait_s: float = 5.0) -> JobRow | None:
+        """The job's row. A job is queued just before the transaction that inserts it commits, so a
+        dispatcher can see the entry first: wait a little for the row (None if its creation failed)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            async with self._db.read() as uow:
+                row = await repository.get_job(uow.session, job_id)
+            if row is not None or time.monotonic() > deadline:
+                return row
+            await asyncio.sleep(0.02)
 
     async def _run(self, job_id: str, owner: str, model: ModelSpec, generation: Generation, running: _Running) -> None:
         writer = TokenWriter(self._streams, job_id)

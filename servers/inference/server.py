@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,12 @@ def gpu_service_source(channel: grpc.aio.Channel) -> NodeSource:
 def _background(runtime: Runtime, name: str, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
     task: asyncio.Task[None] = asyncio.create_task(work(), name=name)
 
+    def report(done: asyncio.Task[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            log.error("background task died", task=name, error=repr(done.exception()))
+
+    task.add_done_callback(report)
+
     async def stop() -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -97,15 +103,24 @@ async def _listen_for_cancels(runtime: Runtime, streams: TokenStreams, runner: R
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
-async def setup(server: grpc.aio.Server, runtime: Runtime) -> None:
+def make_spec(environ: Mapping[str, str] | None = None) -> ServiceSpec:
+    """The server, reading its own settings from `environ` (default: the process environment)."""
+
+    async def setup(server: grpc.aio.Server, runtime: Runtime) -> None:
+        await _setup(server, runtime, environ)
+
+    return ServiceSpec(name="inference", default_port=50052, service_names=[SERVICE_NAME], setup=setup, outbox=OUTBOX)
+
+
+async def _setup(server: grpc.aio.Server, runtime: Runtime, environ: Mapping[str, str] | None) -> None:
+    env = Env(environ)
     assert runtime.database is not None
     assert runtime.redis is not None
-    env = Env()
     settings = runtime.settings
     catalog = Catalog(load_models(env))
     chain: Chain | None = None
     if env.text("BSC_RPC_URL"):
-        chain = Chain(ChainSettings.from_env())
+        chain = Chain(ChainSettings.from_env(environ))
         runtime.on_close(chain.close)
     prices = Prices(chain, catalog)
     with contextlib.suppress(Exception):  # a chain outage at start: paid models stay unpriced until it returns
@@ -172,4 +187,4 @@ async def setup(server: grpc.aio.Server, runtime: Runtime) -> None:
     log.info("inference ready", models=[spec.id for spec in catalog], paid=chain is not None)
 
 
-SPEC = ServiceSpec(name="inference", default_port=50052, service_names=[SERVICE_NAME], setup=setup, outbox=OUTBOX)
+SPEC = make_spec()

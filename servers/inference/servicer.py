@@ -153,7 +153,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         principal = current_principal()
         model = self._p.quotes.model(request.job.model, "job.model")
         spec = validate(model, request.job, request_id=request.request_id, prefix="job.")
-        job, _ = await self._admit_and_create(principal, spec, streamed=False, prefix="job.")
+        job, ticket = await self._admit_and_create(principal, spec, streamed=False, prefix="job.")
+        if ticket is not None and self._p.runner.try_reserve(model):
+            if await self._p.admission.claim(ticket):  # a free slot here: start now, no dispatcher hop
+                self._p.runner.start(ticket.job, principal.subject, model, generation_from(job))
+            else:
+                self._p.runner.unreserve(model)
         return job
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:

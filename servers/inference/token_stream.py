@@ -104,9 +104,7 @@ class TokenStreams:
         """Ask every replica to cancel `job` if it runs there (one of them does)."""
         await self._redis.publish(self.cancel_channel, f"{job} {reason}")
 
-    async def follow(
-        self, job: str, from_offset: int = 0, *, tick_s: float = 15.0
-    ) -> AsyncIterator[Delta | End | None]:
+    async def follow(self, job: str, from_offset: int = 0, *, tick_s: float = 1.0) -> AsyncIterator[Delta | End | None]:
         """Deltas from `from_offset` (a delta containing it is sent whole), then live ones, then the End.
 
         Yields None every `tick_s` while nothing arrives (the caller sends queue positions or keep-alives,
@@ -128,7 +126,8 @@ class TokenStreams:
                     yield item
             if len(entries) < _REPLAY_BATCH:
                 break
-        block_ms = max(1, int(tick_s * 1000))
+        # At most 2 s a block: redis-py 7 gives every read a 5 s socket timeout, blocking ones included.
+        block_ms = min(2_000, max(1, int(tick_s * 1000)))
         while True:
             answer: Any = await self._redis.xread({key: last_id}, block=block_ms, count=_REPLAY_BATCH)
             if not answer:

@@ -50,7 +50,13 @@ async def database(migrated_database_url: str) -> AsyncIterator[Database]:
 
 @pytest.fixture
 async def quotes(
-    redis_url: str, redis_key_prefix: str, chain: Chain, w3: Web3, contracts: Contracts, owner: LocalAccount
+    redis_url: str,
+    redis_key_prefix: str,
+    chain: Chain,
+    w3: Web3,
+    contracts: Contracts,
+    owner: LocalAccount,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Quotes]:
     transact(w3, owner, contracts.payment.functions.setPrice(model_key(MODEL.id), PRICE))
     prices = Prices(chain, [MODEL, FREE])
@@ -59,7 +65,7 @@ async def quotes(
     try:
         yield Quotes(
             redis,
-            redis_key_prefix,
+            f"{redis_key_prefix}{request.node.name}:",  # own keys per test (the wallets repeat across tests)
             Catalog([MODEL, FREE]),
             prices,
             chain_id=chain.chain_id,

@@ -50,10 +50,11 @@ async def prices(chain: Chain) -> Prices:
 
 
 @pytest.fixture
-def quotes(redis: Redis, redis_key_prefix: str, prices: Prices, chain: Chain) -> Quotes:
+def quotes(redis: Redis, redis_key_prefix: str, prices: Prices, chain: Chain, request: pytest.FixtureRequest) -> Quotes:
+    # Each test its own keys: the per-account rate limit counts across tests otherwise (the wallets repeat).
     return Quotes(
         redis,
-        redis_key_prefix,
+        f"{redis_key_prefix}{request.node.name}:",
         Catalog([PAID, FREE]),
         prices,
         chain_id=chain.chain_id,

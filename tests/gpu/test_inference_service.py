@@ -1,0 +1,217 @@
+"""far.inference.v1 over gRPC against a real tritonserver: Generate streams, resume with StreamJob, cancel, the
+admission limits, and privacy of jobs. The model is configured free here (payments: tests/chain/test_inference_*)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+from far.inference.v1 import inference_service_pb2 as pb
+from far.inference.v1 import inference_service_pb2_grpc, job_pb2, model_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from gpu.triton import CHAT_MODEL, TritonProcess
+from servers.common.config import Settings
+from servers.common.server import RunningServer, start_server
+from servers.inference.server import make_spec
+from tests.integration.rich_errors import rich_error
+
+MODEL = f"models/{CHAT_MODEL}"
+Metadata = tuple[tuple[str, str], ...]
+
+
+@pytest.fixture(scope="module")
+async def inference_server(
+    triton: TritonProcess, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningServer]:
+    catalog = tmp_path_factory.mktemp("inference") / "models.json"
+    catalog.write_text(json.dumps([{"id": CHAT_MODEL, "context_length": 2048, "max_output_tokens": 200, "free": True}]))
+    environ = {
+        **service_env,
+        "GRPC_LISTEN": "127.0.0.1:0",
+        "INFERENCE_MODELS_FILE": str(catalog),
+        "INFERENCE_STATIC_NODES": f"{CHAT_MODEL}=local@{triton.grpc_url}",
+        "INFERENCE_SLOTS_PER_MODEL": "1",
+        "INFERENCE_MAX_QUEUE": "1",
+        "INFERENCE_MAX_JOBS_PER_ACCOUNT": "2",
+    }
+    running = await start_server(make_spec(environ), Settings.from_env("inference", 0, environ=environ))
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest.fixture(scope="module")
+async def stub(inference_server: RunningServer) -> AsyncIterator[Any]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{inference_server.port}") as channel:
+        yield inference_service_pb2_grpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture
+def caller(make_token: Callable[..., str]) -> Callable[[str], Metadata]:
+    def metadata(wallet: str) -> Metadata:
+        return (("authorization", f"Bearer {make_token(wallet)}"),)
+
+    return metadata
+
+
+def wallet() -> str:
+    return "0x" + uuid.uuid4().hex + "0" * 8
+
+
+def story(max_tokens: int = 24) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(model=MODEL, max_tokens=max_tokens)
+    request.chat.messages.add(role=job_pb2.ChatMessage.ROLE_USER, content="Tell me a story about a brave cat.")
+    request.sampling.temperature = 0.0
+    request.sampling.seed = 3
+    return request
+
+
+def text_of(responses: list[pb.GenerateResponse]) -> str:
+    return "".join(r.delta.text for r in responses if r.HasField("delta"))
+
+
+def check_contiguous(responses: list[pb.GenerateResponse], start: int = 0) -> None:
+    """Deltas follow each other from `start` without gaps or repeats, and `final` says where they stopped."""
+    expected = start
+    for item in (r.delta for r in responses if r.HasField("delta")):
+        assert (item.offset, item.token_count >= 1) == (expected, True)
+        expected = item.offset + item.token_count
+    assert responses[-1].final.next_offset == expected
+
+
+async def test_models_are_listed_with_live_availability(stub: Any) -> None:
+    listed = await stub.ListModels(pb.ListModelsRequest())
+    (model,) = listed.models
+    assert model.name == MODEL
+    assert model.availability == model_pb2.Model.AVAILABILITY_AVAILABLE
+    assert model.serving_node_count == 1
+    assert model.price_per_token.value == "0"
+    assert await stub.GetModel(pb.GetModelRequest(name=MODEL)) == model
+
+
+async def test_generate_streams_the_job_then_deltas_then_final(stub: Any, caller: Callable[[str], Metadata]) -> None:
+    owner = wallet()
+    responses = [r async for r in stub.Generate(story(), metadata=caller(owner))]
+    first, last = responses[0], responses[-1]
+    assert first.HasField("job")
+    assert first.job.owner == owner
+    assert last.HasField("final")
+    assert last.final.state == job_pb2.Job.STATE_SUCCEEDED
+    assert last.final.finish_reason in (job_pb2.FINISH_REASON_LENGTH, job_pb2.FINISH_REASON_STOP)
+    assert last.final.usage.completion_tokens == last.final.next_offset > 0
+    assert last.final.usage.prompt_tokens > 0
+    assert not last.final.HasField("error")
+    check_contiguous(responses)
+    job = await stub.GetJob(pb.GetJobRequest(name=first.job.name), metadata=caller(owner))
+    assert job.state == job_pb2.Job.STATE_SUCCEEDED
+    assert job.output_text == text_of(responses)
+    assert job.HasField("time_to_first_token")
+
+
+async def test_stream_job_resumes_without_repeats(stub: Any, caller: Callable[[str], Metadata]) -> None:
+    owner = wallet()
+    job = await stub.CreateJob(
+        pb.CreateJobRequest(job=job_pb2.Job(model=MODEL, prompt="One, two, three,", max_tokens=16)),
+        metadata=caller(owner),
+    )
+    assert job.state == job_pb2.Job.STATE_QUEUED
+    # A client that saw the first deltas, lost its connection, and resumes from where it stopped.
+    seen: list[pb.GenerateResponse] = []
+    async for response in stub.StreamJob(pb.StreamJobRequest(name=job.name), metadata=caller(owner)):
+        seen.append(response)
+        if sum(1 for r in seen if r.HasField("delta")) == 3:
+            break
+    resume_at = [r.delta for r in seen if r.HasField("delta")][-1]
+    offset = resume_at.offset + resume_at.token_count
+    rest = [
+        r async for r in stub.StreamJob(pb.StreamJobRequest(name=job.name, from_offset=offset), metadata=caller(owner))
+    ]
+    assert rest[0].HasField("job")
+    check_contiguous(rest, offset)
+    whole = await stub.GetJob(pb.GetJobRequest(name=job.name), metadata=caller(owner))
+    assert text_of(seen) + text_of(rest) == whole.output_text  # the full text exactly once
+
+
+async def test_another_accounts_job_does_not_exist(stub: Any, caller: Callable[[str], Metadata]) -> None:
+    owner, stranger = wallet(), wallet()
+    job = await stub.CreateJob(
+        pb.CreateJobRequest(job=job_pb2.Job(model=MODEL, prompt="Hi", max_tokens=2)), metadata=caller(owner)
+    )
+    for call in (
+        stub.GetJob(pb.GetJobRequest(name=job.name), metadata=caller(stranger)),
+        stub.CancelJob(pb.CancelJobRequest(name=job.name), metadata=caller(stranger)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert rich_error(caught.value).reason == "JOB_NOT_FOUND"
+    listed = await stub.ListJobs(pb.ListJobsRequest(), metadata=caller(stranger))
+    assert list(listed.jobs) == []
+
+
+async def test_cancel_ends_a_running_job_and_frees_the_node(stub: Any, caller: Callable[[str], Metadata]) -> None:
+    owner = wallet()
+    stream = stub.Generate(story(max_tokens=180), metadata=caller(owner))
+    seen: list[pb.GenerateResponse] = []
+    async for response in stream:
+        seen.append(response)
+        if response.HasField("delta"):
+            break
+    job_name = seen[0].job.name
+    cancelled = await stub.CancelJob(pb.CancelJobRequest(name=job_name), metadata=caller(owner))
+    assert cancelled.state == job_pb2.Job.STATE_CANCELLED
+    assert cancelled.finish_reason == job_pb2.FINISH_REASON_CANCELLED
+    async for response in stream:
+        seen.append(response)
+    assert seen[-1].final.state == job_pb2.Job.STATE_CANCELLED
+    assert seen[-1].final.error.message
+    assert seen[-1].final.usage.completion_tokens < 180
+    # The single slot is free again: the next job runs at once.
+    after = [r async for r in stub.Generate(story(max_tokens=4), metadata=caller(owner))]
+    assert after[-1].final.state == job_pb2.Job.STATE_SUCCEEDED
+
+
+async def test_a_full_queue_is_resource_exhausted_with_retry_info(stub: Any, caller: Callable[[str], Metadata]) -> None:
+    # One slot and a queue of one: a running job, a waiting job, and the third is refused.
+    running = stub.Generate(story(max_tokens=180), metadata=caller(wallet()))
+    first = [r async for r in _take(running, 2)]
+    assert first[1].HasField("delta")
+    waiting = await stub.CreateJob(
+        pb.CreateJobRequest(job=job_pb2.Job(model=MODEL, prompt="Hi", max_tokens=2)), metadata=caller(wallet())
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateJob(
+            pb.CreateJobRequest(job=job_pb2.Job(model=MODEL, prompt="Hi", max_tokens=2)), metadata=caller(wallet())
+        )
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rich_error(caught.value).reason == "QUEUE_FULL"
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    assert any(detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for detail in status.details)
+    queued = await stub.GetJob(pb.GetJobRequest(name=waiting.name), metadata=caller(waiting.owner))
+    assert queued.queue_position == 1
+    await stub.CancelJob(pb.CancelJobRequest(name=first[0].job.name), metadata=caller(first[0].job.owner))
+    running.cancel()
+    for _ in range(200):
+        job = await stub.GetJob(pb.GetJobRequest(name=waiting.name), metadata=caller(waiting.owner))
+        if job.state == job_pb2.Job.STATE_SUCCEEDED:
+            break
+        await asyncio.sleep(0.05)
+    assert job.state == job_pb2.Job.STATE_SUCCEEDED  # the waiting job ran once the slot was free
+
+
+async def _take(stream: Any, count: int) -> AsyncIterator[pb.GenerateResponse]:
+    taken = 0
+    async for response in stream:
+        yield response
+        taken += 1
+        if taken == count:
+            return
