@@ -49,6 +49,7 @@ INGEST = "ingest"
 
 if TYPE_CHECKING:
     from devstack.chain import DevChain
+    from devstack.node import LocalNode
 
 DATABASE_NAME = "far"
 
@@ -146,6 +147,23 @@ def _partner_example(stack: Stack) -> str:
     )
 
 
+def _start_node(stack: Stack, run_dir: Path, say: Console) -> LocalNode:
+    """One local GPU node: tritonserver with the chat model and its agent, registered through Envoy's partner
+    listener with the dev `node-agent` certificate (the gpu server itself takes only service and edge peers)."""
+    from devstack.node import start_local_node
+    from gpu.agent.config import TlsFiles
+
+    say("gpu node: starting tritonserver (SmolLM2 on llama.cpp) and the node agent ...")
+    tls = None
+    if stack.pki is not None:
+        files = stack.pki.ensure_identity("partner", "node-agent")
+        tls = TlsFiles(ca=stack.pki.ca_file, cert=files.cert, key=files.key)
+    target = stack.envoy_partner_target if stack.pki is not None else stack.grpc_target("gpu")
+    node = start_local_node(run_dir, gpu_service=target, tls=tls)
+    say(f"gpu node: {node.name} registered (tritonserver pid {node.triton.pid}, agent pid {node.agent.pid})")
+    return node
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     say = Console()
     run_dir = _run_dir()
@@ -163,6 +181,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack: Stack | None = None
     dev_chain: DevChain | None = None
     ingester: ManagedProcess | None = None
+    node: LocalNode | None = None
     status = 0
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -247,6 +266,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             cwd=catalog.ROOT,
         ).start()
         say(f"{INGEST}: started (pid {ingester.pid}), following the contracts' events, log {_rel(ingester.log_path)}")
+        if "gpu" in names and os.environ.get("DEVSTACK_GPU_NODE", "1") != "0":
+            node = _start_node(stack, run_dir, say)
         say("all up")
         print()
         print(_table(stack.endpoint_rows(health), stack.envoy_http_url))
@@ -280,6 +301,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, _still_stopping)
         signal.signal(signal.SIGTERM, _still_stopping)
+        if node is not None:
+            node.stop()
+            say(f"{node.name}: agent and tritonserver stopped")
         if ingester is not None:
             ingester.stop()
             say(f"{INGEST}: stopped")

@@ -84,6 +84,12 @@ BY_NAME: Mapping[str, Service] = {s.name: s for s in SERVICES}
 # devstack/pki.py); the access declarations name the same ids (`partners: "game-server"`).
 PARTNERS: tuple[str, ...] = ("game-server", "node-agent")
 
+# Which servers call which: the environment variable that gives a server another service's gRPC address.
+# The stack starts the called service first and sets the variable to where it actually serves.
+LINKS: Mapping[str, Mapping[str, str]] = {
+    "inference": {"INFERENCE_GPU_SERVICE": "gpu"},
+}
+
 
 @dataclass(frozen=True)
 class RouteRateLimit:

@@ -318,9 +318,37 @@ class Stack:
             )
         return env
 
+    def _waves(self) -> list[list[Service]]:
+        """The services in start order: a service linked to another of this stack (catalog.LINKS) starts after it."""
+        names = {s.name for s in self.services}
+        waves: list[list[Service]] = []
+        placed: set[str] = set()
+        pending = list(self.services)
+        while pending:
+            wave = [
+                s for s in pending if all(t in placed or t not in names for t in catalog.LINKS.get(s.name, {}).values())
+            ]
+            if not wave:
+                raise ValueError(f"services link to each other in a cycle: {[s.name for s in pending]}")
+            waves.append(wave)
+            placed |= {s.name for s in wave}
+            pending = [s for s in pending if s.name not in placed]
+        return waves
+
+    def _linked_env(self, service: Service) -> dict[str, str]:
+        return {
+            variable: self.grpc_target(target)
+            for variable, target in catalog.LINKS.get(service.name, {}).items()
+            if target in self.servers
+        }
+
     def _start_servers(self) -> None:
+        for wave in self._waves():
+            self._start_wave(wave)
+
+    def _start_wave(self, wave: Sequence[Service]) -> None:
         starting: list[tuple[Service, ManagedProcess]] = []
-        for service in self.services:
+        for service in wave:
             ready = self._ready_file(service)
             ready.parent.mkdir(parents=True, exist_ok=True)
             ready.unlink(missing_ok=True)
@@ -328,7 +356,7 @@ class Stack:
                 service.name,
                 self._server_argv(service),
                 log_path=self.log_dir / f"{service.name}.log",
-                env=self._server_env(service),
+                env={**self._server_env(service), **self._linked_env(service)},
                 cwd=catalog.ROOT,
             ).start()
             self._processes.append(proc)

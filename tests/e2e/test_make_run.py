@@ -129,6 +129,18 @@ def test_make_run_brings_the_platform_up_and_ctrl_c_stops_it(tmp_path: Path) -> 
         while "ingesting" not in (run_dir / "logs" / "ingest.log").read_text():
             assert time.monotonic() < deadline, (run_dir / "logs" / "ingest.log").read_text()
             time.sleep(0.2)
+        # One local GPU node (tritonserver + agent) registered through the partner listener, and the paid model
+        # it serves is on sale through the edge at the price the dev chain set.
+        assert "gpu node: nodes/local-gpu-1 registered" in output
+        deadline = time.monotonic() + 60
+        while True:
+            model = httpx.get(f"{web}/v1/models/smollm2-135m-instruct", timeout=10).json()
+            if model.get("availability") == "AVAILABILITY_AVAILABLE":
+                break
+            assert time.monotonic() < deadline, model
+            time.sleep(0.3)
+        assert model["servingNodeCount"] == 1
+        assert model["pricePerToken"]["value"] == "1000000000000"
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

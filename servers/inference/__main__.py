@@ -1,0 +1,4 @@
+from servers.common.server import run
+from servers.inference.server import SPEC
+
+run(SPEC)
