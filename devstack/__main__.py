@@ -375,6 +375,34 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pay(args: argparse.Namespace) -> int:
+    """Pay an inference quote on the dev chain from a wallet key: approve the price, then InferencePayment.pay.
+
+    Prints the transaction hash (what Generate / CreateJob take as `payment.transaction.tx_hash`).
+    """
+    import json
+
+    from eth_account import Account
+    from web3 import Web3
+
+    from devstack.chain import contract_at, job_key, model_key, transact
+
+    quote = json.loads(Path(args.quote).read_text())
+    deployments = json.loads((_run_dir() / "chain" / "deployments.json").read_text())
+    w3 = Web3(Web3.HTTPProvider(deployments["rpcUrl"]))
+    payer = Account.from_key(args.key)
+    if quote.get("owner") and quote["owner"] != payer.address.lower():
+        raise SystemExit(f"devstack: the quote is for {quote['owner']}, not for the key's wallet {payer.address}")
+    token = contract_at(w3, "FARToken", deployments["contracts"]["FARToken"]["address"])
+    payment = contract_at(w3, "InferencePayment", quote["paymentContract"])
+    tokens = int(quote["maxTokens"]) + int(quote["maxPromptTokens"])
+    model = model_key(quote["model"].removeprefix("models/"))
+    transact(w3, payer, token.functions.approve(payment.address, int(quote["price"]["value"])))
+    receipt = transact(w3, payer, payment.functions.pay(job_key(quote["job"].removeprefix("jobs/")), model, tokens))
+    print(receipt["transactionHash"].to_0x_hex())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m devstack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -410,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     token.add_argument("--role", action="append", default=[], help="a role to grant (repeatable); default: user")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds the token is valid (default 3600)")
     token.set_defaults(func=cmd_token)
+    pay = sub.add_parser("pay", help="pay an inference quote (JSON from POST /v1/quotes) on the dev chain")
+    pay.add_argument("--quote", required=True, help="the quote as JSON (a file)")
+    pay.add_argument("--key", required=True, help="the paying wallet's private key (0x hex; a dev account's)")
+    pay.set_defaults(func=cmd_pay)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result
