@@ -24,6 +24,11 @@ GROUP = "dispatchers"
 _ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return {-2, ''} end
+if ARGV[7] == '0' then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+  return {0, ''}
+end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[4]) then return {-1, ''} end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
@@ -69,8 +74,12 @@ class Admission:
     def _entry_key(self, job: str) -> str:
         return f"{self._prefix}entry:{job}"
 
-    async def admit(self, model: str, job: str, owner: str, *, now: float | None = None) -> Ticket:
-        """Queue `job`; ResourceExhausted (`TOO_MANY_JOBS` / `QUEUE_FULL`) when it may not wait."""
+    async def admit(self, model: str, job: str, owner: str, *, queued: bool = True, now: float | None = None) -> Ticket:
+        """Queue `job`; ResourceExhausted (`TOO_MANY_JOBS` / `QUEUE_FULL`) when it may not wait.
+
+        `queued=False` admits a job that starts at once on a slot of this replica: it counts against its
+        account but takes no queue entry (its ticket has no entry and position 0).
+        """
         now = time.time() if now is None else now
         limits = self.limits
         answer: Any = await self._admit(
@@ -82,6 +91,7 @@ class Admission:
                 limits.max_queue,
                 limits.max_unfinished_per_account,
                 limits.job_timeout_s,
+                "1" if queued else "0",
             ],
         )
         position, entry = int(answer[0]), answer[1]
@@ -99,7 +109,7 @@ class Admission:
                 retry_after_s=1.0,
                 metadata={"model": model, "queue_limit": str(limits.max_queue)},
             )
-        return Ticket(model, job, entry.decode() if isinstance(entry, bytes) else str(entry), position)
+        return Ticket(model, job, _text(entry), position)
 
     async def release(self, job: str, owner: str) -> None:
         """The job ended: it no longer counts against its account."""
@@ -119,8 +129,15 @@ class Admission:
         return removed
 
     async def claim(self, ticket: Ticket) -> bool:
-        """Take this replica's own job out of the queue; False when a dispatcher claimed it first."""
-        return int(await self._redis.xdel(self.queue_key(ticket.model), ticket.entry)) == 1
+        """Take the job out of the queue to run it; False when someone else claimed or withdrew it first."""
+        if not ticket.entry:
+            return True  # admitted to run at once: never queued
+        key = self.queue_key(ticket.model)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xack(key, GROUP, ticket.entry)
+        pipe.xdel(key, ticket.entry)
+        _, deleted = await pipe.execute()
+        return int(deleted) == 1
 
     async def ensure_group(self, model: str) -> None:
         try:
@@ -129,31 +146,41 @@ class Admission:
             if "BUSYGROUP" not in str(error):
                 raise
 
-    async def take(self, model: str, consumer: str, *, block_ms: int) -> str | None:
-        """The next waiting job of `model` this dispatcher won (None when none came within `block_ms`)."""
+    async def read(self, model: str, consumer: str, *, block_ms: int) -> Ticket | None:
+        """The next waiting job of `model` for this dispatcher (None when none came within `block_ms`).
+
+        The job stays in the queue (it still counts, and the fast path still yields to it) until `claim`:
+        a dispatcher reads a job when a slot looks free, then waits for the slot, then claims it.
+        """
         key = self.queue_key(model)
         answer: Any = await self._redis.xreadgroup(GROUP, consumer, {key: ">"}, count=1, block=block_ms)
         if not answer:
             return None
         for entry_id, fields in answer[0][1]:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.xack(key, GROUP, entry_id)
-            pipe.xdel(key, entry_id)
-            _, deleted = await pipe.execute()
-            if int(deleted) == 1 and fields:  # fields are empty for entries deleted (claimed) after delivery
-                job = fields[b"job"]
-                return job.decode() if isinstance(job, bytes) else str(job)
+            if fields:  # empty for an entry withdrawn (deleted) after it was delivered
+                return Ticket(model, _text(fields[b"job"]), _text(entry_id), 1)
+            await self._redis.xack(key, GROUP, entry_id)
         return None
 
+    async def take(self, model: str, consumer: str, *, block_ms: int) -> str | None:
+        """Read and claim the next waiting job at once (None when none came, or another claimer won)."""
+        ticket = await self.read(model, consumer, block_ms=block_ms)
+        if ticket is None or not await self.claim(ticket):
+            return None
+        return ticket.job
+
     async def position(self, ticket: Ticket) -> int:
-        """The job's place among the jobs still waiting (1 = next); 0 once it was claimed."""
-        key = self.queue_key(ticket.model)
-        entries: Any = await self._redis.xrange(key, min="-", max=ticket.entry)
+        """The job's place among the jobs still waiting (1 = next); 0 once it was claimed.
+
+        Every entry in the stream waits: a claim deletes its entry (a job read by a dispatcher that is still
+        waiting for a slot is first in line, and counted).
+        """
+        if not ticket.entry:
+            return 0
+        entries: Any = await self._redis.xrange(self.queue_key(ticket.model), min="-", max=ticket.entry)
         if not entries or _text(entries[-1][0]) != ticket.entry:
             return 0
-        groups: Any = await self._redis.xinfo_groups(key)
-        delivered = next((_text(g["last-delivered-id"]) for g in groups if _text(g["name"]) == GROUP), "0-0")
-        return sum(1 for entry_id, _ in entries if _after(_text(entry_id), delivered))
+        return len(entries)
 
     async def length(self, model: str) -> int:
         return int(await self._redis.xlen(self.queue_key(model)))
@@ -161,9 +188,3 @@ class Admission:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _after(entry: str, other: str) -> bool:
-    ms, _, seq = entry.partition("-")
-    other_ms, _, other_seq = other.partition("-")
-    return (int(ms), int(seq or 0)) > (int(other_ms), int(other_seq or 0))

@@ -42,19 +42,16 @@ class Paid:
     payment: VerifiedPayment
 
 
-async def verify(
-    chain: Chain | None, quotes: Quotes, owner: str, spec: JobSpec, *, prefix: str = ""
-) -> tuple[JobSpec, Paid | None]:
-    """The spec with `max_tokens` resolved against its quote, and the verified payment (None for free models).
+async def resolve(
+    quotes: Quotes, owner: str, spec: JobSpec, *, prefix: str = ""
+) -> tuple[JobSpec, quote_pb2.Quote | None]:
+    """The spec with `max_tokens` resolved against its quote, and the quote (None for free models).
 
-    Raises the quote errors (QUOTE_NOT_FOUND, QUOTE_MISMATCH, QUOTE_EXPIRED) and the payment errors of
-    `servers.common.payments.verify_payment`; PAYMENT_MISMATCH (`field` chain_id or block_time) for a payment
-    on another chain or made after the quote expired.
+    One Redis read: cheap enough to sit in front of the model. QUOTE_NOT_FOUND, QUOTE_MISMATCH, QUOTE_EXPIRED,
+    and PAYMENT_MISMATCH (`field` chain_id) for a payment named on another chain than the quote's.
     """
     if not spec.paid:
         return spec, None
-    if chain is None:
-        raise FailedPrecondition(f"{spec.model.name} is paid and this server has no chain", reason="MODEL_UNAVAILABLE")
     quote = await quotes.get(owner, spec.quote, field=f"{prefix}payment.quote")
     if quote.model != spec.model.name:
         raise InvalidArgument(
@@ -76,6 +73,20 @@ async def verify(
             f"the quote is payable on chain {quote.chain_id}, not {spec.chain_id}",
             metadata={"tx_hash": spec.tx_hash, "field": "chain_id"},
         )
+    job = job_pb2.Job()
+    job.CopyFrom(spec.job)
+    job.max_tokens = max_tokens
+    return replace(spec, job=job, generation=replace(spec.generation, max_tokens=max_tokens)), quote
+
+
+async def pay(chain: Chain | None, owner: str, spec: JobSpec, quote: quote_pb2.Quote | None) -> Paid | None:
+    """The verified on-chain payment of a resolved paid spec (None for free ones): several chain reads, so the
+    Generate fast path runs it while the model does its prefill. Raises the errors of `verify_payment`, and
+    PAYMENT_MISMATCH (`field` block_time) for a payment mined after the quote expired."""
+    if quote is None:
+        return None
+    if chain is None:
+        raise FailedPrecondition(f"{spec.model.name} is paid and this server has no chain", reason="MODEL_UNAVAILABLE")
     payment = await verify_payment(
         chain, spec.tx_hash, job_id=quote.payment_job_id, payer=owner, min_amount=int(quote.price.value)
     )
@@ -84,16 +95,22 @@ async def verify(
             f"the payment in {spec.tx_hash} was mined after the quote expired",
             metadata={"tx_hash": spec.tx_hash, "field": "block_time"},
         )
-    job = job_pb2.Job()
-    job.CopyFrom(spec.job)
-    job.max_tokens = max_tokens
-    resolved = replace(spec, job=job, generation=replace(spec.generation, max_tokens=max_tokens))
-    return resolved, Paid(quote, payment)
+    return Paid(quote, payment)
 
 
-def job_id_for(spec: JobSpec, paid: Paid | None) -> str:
+async def verify(
+    chain: Chain | None, quotes: Quotes, owner: str, spec: JobSpec, *, prefix: str = ""
+) -> tuple[JobSpec, Paid | None]:
+    """`resolve` then `pay`: the resolved spec and its verified payment (None for free models)."""
+    if spec.paid and chain is None:
+        raise FailedPrecondition(f"{spec.model.name} is paid and this server has no chain", reason="MODEL_UNAVAILABLE")
+    resolved, quote = await resolve(quotes, owner, spec, prefix=prefix)
+    return resolved, await pay(chain, owner, resolved, quote)
+
+
+def job_id_for(quote: quote_pb2.Quote | None) -> str:
     """A paid job takes the id its quote reserved; a free one gets a new id."""
-    return paid.quote.job.removeprefix("jobs/") if paid is not None else new_id("j")
+    return quote.job.removeprefix("jobs/") if quote is not None else new_id("j")
 
 
 async def create(
@@ -115,7 +132,7 @@ async def create(
         existing = await repository.job_by_request_id(session, principal.subject, spec.request_id)
         if existing is not None:
             return existing, False
-    job_id = job_id or job_id_for(spec, paid)
+    job_id = job_id or job_id_for(paid.quote if paid is not None else None)
     now = datetime.now(UTC)
     row = JobRow(
         id=job_id,

@@ -58,6 +58,12 @@ class Slots:
         self.free -= 1
         return True
 
+    async def wait_free(self) -> None:
+        """Until a slot is free (not taking it: the fast path of a caller on this replica may take it first)."""
+        while self.free <= 0:
+            self._changed.clear()
+            await self._changed.wait()
+
     async def take(self) -> None:
         while not self.try_take():
             self._changed.clear()
@@ -112,12 +118,26 @@ class Runner:
         return job_id in self._running
 
     def start(
-        self, job_id: str, owner: str, model: ModelSpec, generation: Generation, listener: Listener | None = None
+        self,
+        job_id: str,
+        owner: str,
+        model: ModelSpec,
+        generation: Generation,
+        listener: Listener | None = None,
+        *,
+        gate: asyncio.Future[None] | None = None,
     ) -> None:
-        """Run the job in a task (a slot must be reserved for it)."""
+        """Run the job in a task (a slot must be reserved for it).
+
+        With a `gate`, generation starts now but nothing is written or delivered until the gate is set: the
+        caller creates the job (payment, row) meanwhile. A gate set with an exception cancels the generation
+        and leaves no trace (the job does not exist).
+        """
         running = _Running(listeners=[listener] if listener is not None else [])
         self._running[job_id] = running
-        running.task = asyncio.create_task(self._run(job_id, owner, model, generation, running), name=f"job:{job_id}")
+        running.task = asyncio.create_task(
+            self._run(job_id, owner, model, generation, running, gate), name=f"job:{job_id}"
+        )
 
     def cancel(self, job_id: str, reason: str = "JOB_CANCELLED") -> bool:
         """Cancel a job running here; False when it does not run on this replica."""
@@ -134,26 +154,28 @@ class Runner:
         await self._admission.ensure_group(model.served_as)
         slots = self._slots[model.id]
         while True:
-            await slots.take()
+            await slots.wait_free()
             try:
                 # Short blocks: redis-py 7 gives every read a 5 s socket timeout, blocking ones included.
-                job_id = await self._admission.take(model.served_as, consumer, block_ms=1_000)
+                ticket = await self._admission.read(model.served_as, consumer, block_ms=1_000)
             except asyncio.CancelledError:
-                slots.give()
                 raise
             except Exception as error:  # Redis away: wait and try again, the queue is still there
-                slots.give()
                 log.warning("dispatch failed", model=model.id, error=str(error))
                 await asyncio.sleep(1.0)
                 continue
-            if job_id is None:
+            if ticket is None:
+                continue
+            # The slot may have gone to a caller's fast path meanwhile: the job waits (still queued) for one.
+            await slots.take()
+            if not await self._admission.claim(ticket):  # cancelled while it waited
                 slots.give()
                 continue
-            row = await self._queued_row(job_id)
+            row = await self._queued_row(ticket.job)
             if row is None or row.state != job_pb2.Job.STATE_QUEUED:
                 slots.give()
                 continue
-            self.start(job_id, row.owner, model, generation_from(job_pb2.Job.FromString(row.input)))
+            self.start(ticket.job, row.owner, model, generation_from(job_pb2.Job.FromString(row.input)))
 
     async def _queued_row(self, job_id: str, *, wait_s: float = 5.0) -> JobRow | None:
         """The job's row. A job is queued just before the transaction that inserts it commits, so a
@@ -166,11 +188,26 @@ class Runner:
                 return row
             await asyncio.sleep(0.02)
 
-    async def _run(self, job_id: str, owner: str, model: ModelSpec, generation: Generation, running: _Running) -> None:
-        writer = TokenWriter(self._streams, job_id)
+    async def _run(
+        self,
+        job_id: str,
+        owner: str,
+        model: ModelSpec,
+        generation: Generation,
+        running: _Running,
+        gate: asyncio.Future[None] | None,
+    ) -> None:
+        writer: TokenWriter | None = None
+        held: list[Piece] = []  # pieces that came before the gate opened
         outcome = Outcome(state=job_pb2.Job.STATE_RUNNING, finish_reason=job_pb2.FINISH_REASON_UNSPECIFIED)
         first_token_wall: float | None = None
         create_time: datetime | None = None
+
+        def deliver(piece: Piece) -> None:
+            assert writer is not None
+            writer.push(Delta(piece.text, piece.offset, piece.token_count))
+            for listener in running.listeners:
+                listener(piece)
 
         def on_piece(piece: Piece) -> None:
             nonlocal first_token_wall
@@ -178,30 +215,50 @@ class Runner:
                 first_token_wall = time.time()
             outcome.text.append(piece.text)
             outcome.completion_tokens = piece.offset + piece.token_count
-            writer.push(Delta(piece.text, piece.offset, piece.token_count))
-            for listener in running.listeners:
-                listener(piece)
+            if writer is None:
+                held.append(piece)
+            else:
+                deliver(piece)
 
+        generating = asyncio.create_task(
+            execute(self._directory, self._clients, model.served_as, generation, job_id=job_id, on_piece=on_piece),
+            name=f"generate:{job_id}",
+        )
         try:
+            if gate is not None:
+                try:
+                    await gate
+                except BaseException:  # the job was never created: stop the model, leave no trace
+                    generating.cancel()
+                    with contextlib.suppress(BaseException):
+                        await generating
+                    self._running.pop(job_id, None)
+                    self._slots[model.id].give()
+                    return
+            writer = TokenWriter(self._streams, job_id)
+            for piece in held:
+                deliver(piece)
+            held.clear()
             node = self._directory.pick(model.served_as)
             async with self._db.transaction() as uow:
                 row = await repository.mark_started(
                     uow.session, job_id, node=node.name if node else "", start_time=datetime.now(UTC)
                 )
                 if row is None:  # cancelled while it waited
+                    generating.cancel()
                     return
                 create_time = row.create_time
                 uow.publish(JOBS_TOPIC, convert.job(row, with_output=False))
-            result = await execute(
-                self._directory, self._clients, model.served_as, generation, job_id=job_id, on_piece=on_piece
-            )
+            result = await generating
             result.text = outcome.text
             outcome = result
         except asyncio.CancelledError:
+            generating.cancel()
             outcome.state = job_pb2.Job.STATE_CANCELLED
             outcome.finish_reason = job_pb2.FINISH_REASON_CANCELLED
             outcome.error = error_status(code_pb2.CANCELLED, running.cancel_reason, "the job was cancelled")
         except Exception as error:
+            generating.cancel()
             log.exception("job failed", job=job_id)
             outcome.state = job_pb2.Job.STATE_FAILED
             outcome.finish_reason = job_pb2.FINISH_REASON_ERROR
@@ -209,13 +266,14 @@ class Runner:
                 code_pb2.INTERNAL, "GENERATION_FAILED", f"the job failed: {type(error).__name__}"
             )
         finally:
-            ttft_ms = (
-                int((first_token_wall - create_time.timestamp()) * 1000)
-                if first_token_wall is not None and create_time is not None
-                else None
-            )
-            # The ending must be written even when this task is being cancelled.
-            await asyncio.shield(self._finish(job_id, owner, model, outcome, ttft_ms, writer, running))
+            if writer is not None:
+                ttft_ms = (
+                    int((first_token_wall - create_time.timestamp()) * 1000)
+                    if first_token_wall is not None and create_time is not None
+                    else None
+                )
+                # The ending must be written even when this task is being cancelled.
+                await asyncio.shield(self._finish(job_id, owner, model, outcome, ttft_ms, writer, running))
 
     async def _finish(
         self,

@@ -29,7 +29,7 @@ from servers.inference.executor import error_status
 from servers.inference.nodes import NodeDirectory
 from servers.inference.prices import Prices
 from servers.inference.quotes import Quotes, token_amount
-from servers.inference.requests import JobSpec, generation_from, validate
+from servers.inference.requests import JobSpec, validate
 from servers.inference.runner import Runner
 from servers.inference.token_stream import TokenStreams
 from servers.inference.triton_stream import Piece
@@ -116,27 +116,27 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
     # --- Jobs ----------------------------------------------------------------------------------------
 
-    async def _admit_and_create(
-        self, principal: Principal, spec: JobSpec, *, streamed: bool, prefix: str
-    ) -> tuple[job_pb2.Job, Ticket | None]:
-        """Verify, admit, insert. Returns the job and, when this call created it, its admission ticket."""
-        if self._p.directory.serving(spec.model.served_as) == 0:
+    def _check_serving(self, model: ModelSpec) -> None:
+        if self._p.directory.serving(model.served_as) == 0:
             raise FailedPrecondition(
-                f"no healthy node serves {spec.model.name} now",
-                reason="MODEL_UNAVAILABLE",
-                metadata={"model": spec.model.name},
+                f"no healthy node serves {model.name} now", reason="MODEL_UNAVAILABLE", metadata={"model": model.name}
             )
-        spec, paid = await jobs.verify(self._p.chain, self._p.quotes, principal.subject, spec, prefix=prefix)
-        if spec.request_id:
-            async with self._p.database.read() as uow:
-                existing = await repository.job_by_request_id(uow.session, principal.subject, spec.request_id)
-            if existing is not None:
-                return convert.job(existing), None
-        job_id = jobs.job_id_for(spec, paid)
-        ticket = await self._p.admission.admit(spec.model.served_as, job_id, principal.subject)
+
+    async def _earlier(self, principal: Principal, spec: JobSpec) -> job_pb2.Job | None:
+        """The job an earlier call with the same request id created (AIP-155 retries), if any."""
+        if not spec.request_id:
+            return None
+        async with self._p.database.read() as uow:
+            existing = await repository.job_by_request_id(uow.session, principal.subject, spec.request_id)
+        return convert.job(existing) if existing is not None else None
+
+    async def _create(
+        self, principal: Principal, spec: JobSpec, paid: jobs.Paid | None, ticket: Ticket, *, streamed: bool
+    ) -> tuple[job_pb2.Job, bool]:
+        """Insert the admitted job (consuming its payment); withdraws the admission if it is not created."""
         try:
             async with self._p.database.transaction() as uow:
-                row, created = await jobs.create(uow, principal, spec, paid, streamed=streamed, job_id=job_id)
+                row, created = await jobs.create(uow, principal, spec, paid, streamed=streamed, job_id=ticket.job)
                 message = convert.job(row)
                 if created:
                     message.queue_position = ticket.position
@@ -146,20 +146,41 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             raise
         if not created:
             await self._p.admission.withdraw(ticket, principal.subject)
-            return message, None
-        return message, ticket
+        return message, created
+
+    async def _start_here(self, model: ModelSpec) -> bool:
+        """Whether a job of `model` may start on this replica now (a slot taken for it): a free slot and
+        nobody waiting in the model's queue (waiting jobs go first)."""
+        if not self._p.runner.try_reserve(model):
+            return False
+        if await self._p.admission.length(model.served_as) == 0:
+            return True
+        self._p.runner.unreserve(model)
+        return False
 
     async def CreateJob(self, request: pb.CreateJobRequest, context: Context) -> job_pb2.Job:
         principal = current_principal()
         model = self._p.quotes.model(request.job.model, "job.model")
         spec = validate(model, request.job, request_id=request.request_id, prefix="job.")
-        job, ticket = await self._admit_and_create(principal, spec, streamed=False, prefix="job.")
-        if ticket is not None and self._p.runner.try_reserve(model):
-            if await self._p.admission.claim(ticket):  # a free slot here: start now, no dispatcher hop
-                self._p.runner.start(ticket.job, principal.subject, model, generation_from(job))
-            else:
+        self._check_serving(model)
+        spec, paid = await jobs.verify(self._p.chain, self._p.quotes, principal.subject, spec, prefix="job.")
+        earlier = await self._earlier(principal, spec)
+        if earlier is not None:
+            return earlier
+        here = await self._start_here(model)
+        job_id = jobs.job_id_for(paid.quote if paid is not None else None)
+        try:
+            ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject, queued=not here)
+            message, created = await self._create(principal, spec, paid, ticket, streamed=False)
+        except BaseException:
+            if here:
                 self._p.runner.unreserve(model)
-        return job
+            raise
+        if here and created:
+            self._p.runner.start(job_id, principal.subject, model, spec.generation)
+        elif here:
+            self._p.runner.unreserve(model)
+        return message
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
         principal = current_principal()
@@ -176,17 +197,43 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         elif request.WhichOneof("input") == "chat":
             job.chat.CopyFrom(request.chat)
         spec = validate(model, job, request_id=request.request_id)
-        message, ticket = await self._admit_and_create(principal, spec, streamed=True, prefix="")
-        yield streams.job_message(message)
-        job_id = message.name.removeprefix("jobs/")
-        if ticket is None:  # a retry of an earlier call: follow that job from the start
-            async for response in self._follow(job_id, model, 0):
+        self._check_serving(model)
+        if spec.paid and self._p.chain is None:
+            raise FailedPrecondition(f"{model.name} is paid and this server has no chain", reason="MODEL_UNAVAILABLE")
+        spec, quote = await jobs.resolve(self._p.quotes, principal.subject, spec)
+        earlier = await self._earlier(principal, spec)
+        if earlier is not None:  # a retry of an earlier call: stream that job from the start
+            yield streams.job_message(earlier)
+            async for response in self._follow(earlier.name.removeprefix("jobs/"), model, 0):
                 yield response
             return
-        local = self._p.runner.try_reserve(model)
-        if local and await self._p.admission.claim(ticket):
+        job_id = jobs.job_id_for(quote)
+        if await self._start_here(model):
+            # The fast path: the model starts its prefill now, while the payment is verified and the job is
+            # admitted and recorded; its pieces are held until that is done (none reaches the caller unpaid).
             queue: asyncio.Queue[Piece | pb.GenerateEnd] = asyncio.Queue()
-            self._p.runner.start(job_id, principal.subject, model, generation_from(message), queue.put_nowait)
+            gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._p.runner.start(job_id, principal.subject, model, spec.generation, queue.put_nowait, gate=gate)
+            try:
+                paid = await jobs.pay(self._p.chain, principal.subject, spec, quote)
+                ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject, queued=False)
+                message, created = await self._create(principal, spec, paid, ticket, streamed=True)
+                if not created:
+                    raise _Duplicate(message)
+            except _Duplicate as duplicate:
+                gate.set_exception(duplicate)
+                yield streams.job_message(duplicate.job)
+                async for response in self._follow(job_id, model, 0):
+                    yield response
+                return
+            except BaseException as error:
+                if isinstance(error, asyncio.CancelledError):
+                    gate.cancel()
+                else:
+                    gate.set_exception(error)
+                raise
+            gate.set_result(None)
+            yield streams.job_message(message)
             finished = False
             try:
                 async for response in streams.from_listener(queue):
@@ -196,15 +243,17 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 if not finished:
                     self._watch_disconnect(job_id)
             return
-        if local:
-            self._p.runner.unreserve(model)
+        paid = await jobs.pay(self._p.chain, principal.subject, spec, quote)
+        ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject)
+        message, created = await self._create(principal, spec, paid, ticket, streamed=True)
+        yield streams.job_message(message)
         try:
             finished = False
-            async for response in self._follow(job_id, model, 0, ticket=ticket):
+            async for response in self._follow(job_id, model, 0, ticket=ticket if created else None):
                 finished = response.HasField("final")
                 yield response
         finally:
-            if not finished:
+            if not finished and created:
                 self._watch_disconnect(job_id)
 
     def _watch_disconnect(self, job_id: str) -> None:
@@ -358,6 +407,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class _Duplicate(Exception):
+    """The job exists already (a concurrent retry with the same request id created it)."""
+
+    def __init__(self, job: job_pb2.Job) -> None:
+        super().__init__(job.name)
+        self.job = job
 
 
 def _end_of(row: Any) -> pb.GenerateEnd:
