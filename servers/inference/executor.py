@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 import structlog
 from far.inference.v1 import job_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from opentelemetry import propagate, trace
 from tritonclient.grpc.aio import InferenceServerClient
 
 from servers.inference.nodes import NodeDirectory, NodeInfo
 from servers.inference.triton_stream import Finish, Generation, NodeError, Piece, stream_generation
 
 log = structlog.get_logger("far.inference.executor")
+_tracer = trace.get_tracer("far.inference")
 DOMAIN = "inference.far.network"
 
 FINISH_REASONS = {
@@ -103,8 +105,13 @@ async def execute(
         if on_node is not None:
             on_node(node)
         directory.started(node)
+        span = _tracer.start_span("triton.generate", attributes={"far.node": node.name, "far.model": model})
+        headers: dict[str, str] = {}
+        propagate.inject(headers, context=trace.set_span_in_context(span))  # Triton continues the trace
         try:
-            async for item in stream_generation(clients.get(node), model, generation, request_id=job_id):
+            async for item in stream_generation(
+                clients.get(node), model, generation, request_id=job_id, headers=headers
+            ):
                 if isinstance(item, Finish):
                     outcome.prompt_tokens = item.prompt_tokens
                     outcome.completion_tokens = item.completion_tokens
@@ -134,6 +141,7 @@ async def execute(
             )
             directory.failed(node)
         finally:
+            span.end()
             directory.finished(node)
     if not tried:
         return _failed("MODEL_UNAVAILABLE", f"no healthy node serves {model}", outcome)

@@ -22,7 +22,7 @@ from far.inference.v1 import inference_service_pb2, job_pb2
 from google.rpc import code_pb2
 
 from servers.common.db import Database
-from servers.inference import convert, repository
+from servers.inference import convert, metrics, repository
 from servers.inference.admission import Admission
 from servers.inference.catalog import ModelSpec
 from servers.inference.executor import Clients, Outcome, error_status, execute
@@ -201,6 +201,7 @@ class Runner:
         held: list[Piece] = []  # pieces that came before the gate opened
         outcome = Outcome(state=job_pb2.Job.STATE_RUNNING, finish_reason=job_pb2.FINISH_REASON_UNSPECIFIED)
         first_token_wall: float | None = None
+        last_token_wall = 0.0
         create_time: datetime | None = None
 
         def deliver(piece: Piece) -> None:
@@ -210,9 +211,10 @@ class Runner:
                 listener(piece)
 
         def on_piece(piece: Piece) -> None:
-            nonlocal first_token_wall
+            nonlocal first_token_wall, last_token_wall
+            last_token_wall = time.time()
             if first_token_wall is None:
-                first_token_wall = time.time()
+                first_token_wall = last_token_wall
             outcome.text.append(piece.text)
             outcome.completion_tokens = piece.offset + piece.token_count
             if writer is None:
@@ -248,6 +250,8 @@ class Runner:
                     generating.cancel()
                     return
                 create_time = row.create_time
+                if row.start_time is not None:
+                    metrics.QUEUE_TIME.labels(model.id).observe((row.start_time - row.create_time).total_seconds())
                 uow.publish(JOBS_TOPIC, convert.job(row, with_output=False))
             result = await generating
             result.text = outcome.text
@@ -272,6 +276,11 @@ class Runner:
                     if first_token_wall is not None and create_time is not None
                     else None
                 )
+                if ttft_ms is not None:
+                    metrics.TIME_TO_FIRST_TOKEN.labels(model.id).observe(ttft_ms / 1000)
+                if first_token_wall is not None and outcome.completion_tokens > 1:
+                    per_token = (last_token_wall - first_token_wall) / (outcome.completion_tokens - 1)
+                    metrics.TIME_PER_OUTPUT_TOKEN.labels(model.id).observe(per_token)
                 # The ending must be written even when this task is being cancelled.
                 await asyncio.shield(self._finish(job_id, owner, model, outcome, ttft_ms, writer, running))
 
@@ -287,6 +296,9 @@ class Runner:
     ) -> None:
         try:
             state = outcome.state if outcome.state != job_pb2.Job.STATE_RUNNING else job_pb2.Job.STATE_FAILED
+            metrics.JOBS_ENDED.labels(model.id, job_pb2.Job.State.Name(job_pb2.Job.State.ValueType(state))).inc()
+            metrics.TOKENS.labels(model.id, "prompt").inc(outcome.prompt_tokens)
+            metrics.TOKENS.labels(model.id, "completion").inc(outcome.completion_tokens)
             end = end_message(state, outcome, ttft_ms)
             async with self._db.transaction() as uow:
                 values = {

@@ -107,7 +107,12 @@ def _text(value: Any) -> str:
 
 
 async def stream_generation(
-    client: InferenceServerClient, model: str, generation: Generation, *, request_id: str = ""
+    client: InferenceServerClient,
+    model: str,
+    generation: Generation,
+    *,
+    request_id: str = "",
+    headers: dict[str, str] | None = None,
 ) -> AsyncIterator[Piece | Finish]:
     """Pieces as Triton streams them, then one Finish; NodeError if the node fails."""
     request = {
@@ -120,7 +125,7 @@ async def stream_generation(
     async def requests() -> AsyncIterator[dict[str, Any]]:
         yield request
 
-    responses = client.stream_infer(requests())
+    responses = client.stream_infer(requests(), headers=headers)
     seen = 0
     held = ""
     finished = False

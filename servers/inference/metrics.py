@@ -1,0 +1,39 @@
+"""Prometheus metrics of the inference path, per model: what a caller waits for and what the fleet produces.
+
+Time to first token counts from job creation (queue wait included), as `Job.time_to_first_token` does; time
+per output token is the mean gap between a job's tokens after the first; queue time runs from admission to
+the start on a node. Exposed on the server's METRICS_LISTEN with the common RPC metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+
+TIME_TO_FIRST_TOKEN = Histogram(
+    "far_inference_time_to_first_token_seconds",
+    "From job creation to its first completion token (queue wait included).",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "far_inference_time_per_output_token_seconds",
+    "Mean time between a job's completion tokens after the first.",
+    ["model"],
+    buckets=_TOKEN_BUCKETS,
+)
+QUEUE_TIME = Histogram(
+    "far_inference_queue_time_seconds",
+    "From admission to the start on a node.",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+TOKENS = Counter(
+    "far_inference_tokens_total", "Tokens processed, by model and kind (prompt, completion).", ["model", "kind"]
+)
+JOBS_ENDED = Counter("far_inference_jobs_total", "Jobs that ended, by model and final state.", ["model", "state"])
+NODE_FAILOVERS = Counter(
+    "far_inference_node_failovers_total", "Nodes that failed a job before its first token (it moved on).", ["model"]
+)
