@@ -173,6 +173,7 @@ async def _setup(server: grpc.aio.Server, runtime: Runtime, environ: Mapping[str
         runner=runner,
         page_tokens=runtime.page_tokens,
         chain=chain,
+        disconnect_grace_s=env.number("INFERENCE_DISCONNECT_GRACE_S", 30.0, minimum=0.0),
     )
     servicer = InferenceServicer(parts)
     runtime.on_close(servicer.close)

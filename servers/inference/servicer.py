@@ -54,6 +54,8 @@ class Parts:
     runner: Runner
     page_tokens: PageTokens
     chain: Chain | None
+    disconnect_grace_s: float = DISCONNECT_GRACE_S
+    """How long a Generate job whose caller went away runs on without a follower before it is cancelled."""
 
 
 def _visible(principal: Principal, owner: str) -> bool:
@@ -260,7 +262,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         """The Generate caller went away: cancel its job in 30 s unless someone follows it by then."""
 
         async def watch() -> None:
-            await asyncio.sleep(DISCONNECT_GRACE_S)
+            await asyncio.sleep(self._p.disconnect_grace_s)
             if await self._p.streams.followers(job_id) == 0:
                 await self._cancel(job_id, "CALLER_DISCONNECTED")
 

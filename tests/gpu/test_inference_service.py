@@ -15,9 +15,12 @@ from far.inference.v1 import inference_service_pb2 as pb
 from far.inference.v1 import inference_service_pb2_grpc, job_pb2, model_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
 
 from gpu.triton import CHAT_MODEL, TritonProcess
 from servers.common.config import Settings
+from servers.common.events import EventBus
 from servers.common.server import RunningServer, start_server
 from servers.inference.server import make_spec
 from tests.integration.rich_errors import rich_error
@@ -40,6 +43,7 @@ async def inference_server(
         "INFERENCE_SLOTS_PER_MODEL": "1",
         "INFERENCE_MAX_QUEUE": "1",
         "INFERENCE_MAX_JOBS_PER_ACCOUNT": "2",
+        "INFERENCE_DISCONNECT_GRACE_S": "0.5",
     }
     running = await start_server(make_spec(environ), Settings.from_env("inference", 0, environ=environ))
     try:
@@ -215,3 +219,57 @@ async def _take(stream: Any, count: int) -> AsyncIterator[pb.GenerateResponse]:
         taken += 1
         if taken == count:
             return
+
+
+async def _wait_for_state(stub: Any, name: str, owner: str, caller: Callable[[str], Metadata], state: int) -> Any:
+    for _ in range(300):
+        job = await stub.GetJob(pb.GetJobRequest(name=name), metadata=caller(owner))
+        if job.state == state:
+            return job
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name} never reached {job_pb2.Job.State.Name(state)}: {job}")
+
+
+async def test_a_job_whose_caller_left_is_cancelled_unless_followed(
+    stub: Any, caller: Callable[[str], Metadata]
+) -> None:
+    owner = wallet()
+    # Left alone: cancelled after the grace time (0.5 s here, 30 s by default), reason CALLER_DISCONNECTED.
+    call = stub.Generate(story(max_tokens=180), metadata=caller(owner))
+    first = [r async for r in _take(call, 2)]
+    call.cancel()
+    job = await _wait_for_state(stub, first[0].job.name, owner, caller, job_pb2.Job.STATE_CANCELLED)
+    info = error_details_pb2.ErrorInfo()
+    job.error.details[0].Unpack(info)
+    assert info.reason == "CALLER_DISCONNECTED"
+    # Followed within the grace time: the job runs to its end.
+    call = stub.Generate(story(max_tokens=12), metadata=caller(owner))
+    first = [r async for r in _take(call, 2)]
+    call.cancel()
+    follow = [r async for r in stub.StreamJob(pb.StreamJobRequest(name=first[0].job.name), metadata=caller(owner))]
+    assert follow[-1].final.state == job_pb2.Job.STATE_SUCCEEDED
+
+
+async def test_job_events_and_metrics(
+    stub: Any, caller: Callable[[str], Metadata], redis_url: str, redis_key_prefix: str
+) -> None:
+    owner = wallet()
+    before = REGISTRY.get_sample_value("far_inference_time_to_first_token_seconds_count", {"model": CHAT_MODEL}) or 0
+    responses = [r async for r in stub.Generate(story(max_tokens=4), metadata=caller(owner))]
+    name = responses[0].job.name
+    after = REGISTRY.get_sample_value("far_inference_time_to_first_token_seconds_count", {"model": CHAT_MODEL})
+    assert after == before + 1
+    assert REGISTRY.get_sample_value("far_inference_tokens_total", {"model": CHAT_MODEL, "kind": "completion"})
+    # queued, started, ended: job events on the bus for the realtime service (through the outbox).
+    bus = EventBus(Redis.from_url(redis_url), redis_key_prefix)
+    states: list[int] = []
+    for _ in range(100):
+        entries = await bus._redis.xrange(bus.stream_key("inference.jobs"))
+        states = [
+            job.state for job in (job_pb2.Job.FromString(fields[b"data"]) for _, fields in entries) if job.name == name
+        ]
+        if len(states) >= 3:
+            break
+        await asyncio.sleep(0.05)
+    await redis.aclose()
+    assert states == [job_pb2.Job.STATE_QUEUED, job_pb2.Job.STATE_RUNNING, job_pb2.Job.STATE_SUCCEEDED]
