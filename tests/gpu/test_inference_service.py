@@ -261,10 +261,11 @@ async def test_job_events_and_metrics(
     assert after == before + 1
     assert REGISTRY.get_sample_value("far_inference_tokens_total", {"model": CHAT_MODEL, "kind": "completion"})
     # queued, started, ended: job events on the bus for the realtime service (through the outbox).
-    bus = EventBus(Redis.from_url(redis_url), redis_key_prefix)
+    redis = Redis.from_url(redis_url)
+    topic = EventBus(redis, redis_key_prefix).stream_key("inference.jobs")
     states: list[int] = []
     for _ in range(100):
-        entries = await bus._redis.xrange(bus.stream_key("inference.jobs"))
+        entries = await redis.xrange(topic)
         states = [
             job.state for job in (job_pb2.Job.FromString(fields[b"data"]) for _, fields in entries) if job.name == name
         ]
