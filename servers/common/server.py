@@ -52,7 +52,25 @@ class Runtime:
     revocations: RevocationList | None = None
     authenticators: list[BearerAuthenticator] = field(default_factory=list)
     """The service's own bearer credentials, tried before JWTs (see `servers.common.auth.BearerAuthenticator`)."""
+    _stopping: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def on_stopping(self, hook: Callable[[], Awaitable[object]]) -> None:
+        """Run `hook` when the server begins to stop, while calls still run (first registered, first run).
+
+        For what must reach callers before running calls are cancelled, such as a final message on long
+        streams. By then health says NOT_SERVING and the drain delay has passed, so clients that reconnect
+        go elsewhere; errors are logged and the stop goes on.
+        """
+        self._stopping.append(hook)
+
+    async def stopping(self) -> None:
+        """Run the stopping hooks (`RunningServer.stop()` does, before `server.stop(grace)`)."""
+        for hook in self._stopping:
+            try:
+                await hook()
+            except Exception:
+                log.exception("error in a stopping hook")
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Run `closer` at shutdown, after the server stopped taking calls (last registered, first run)."""
@@ -140,6 +158,7 @@ class RunningServer:
         try:
             await self.health.enter_graceful_shutdown()
             await asyncio.sleep(settings.drain_delay_s)
+            await self.runtime.stopping()
             await self.server.stop(settings.shutdown_grace_s)
         finally:
             await self.runtime.close()

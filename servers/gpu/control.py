@@ -31,8 +31,6 @@ class Notice:
     kind: str
     stream_seq: int = 0
     """For OPENED: the new stream's number (per node, increasing); streams with a lower number end."""
-    reason: str = ""
-    """For DRAIN: the reason given to DrainNode."""
 
 
 class ControlHub:
@@ -73,9 +71,9 @@ class ControlHub:
             return False
         return True
 
-    async def send(self, node_id: str, kind: str, *, stream_seq: int = 0, reason: str = "") -> None:
+    async def send(self, node_id: str, kind: str, *, stream_seq: int = 0) -> None:
         """Notify the node's stream, on any replica."""
-        message = {"kind": kind, "seq": stream_seq, "reason": reason}
+        message = {"kind": kind, "seq": stream_seq}
         await self._redis.publish(self._prefix + node_id, json.dumps(message))
 
     async def next_stream_seq(self, node_id: str) -> int:
@@ -101,7 +99,7 @@ class ControlHub:
     def _dispatch(self, channel: str, data: dict[str, Any]) -> None:
         node_id = channel[len(self._prefix) :]
         for queue in list(self._streams.get(node_id, {}).values()):
-            queue.put_nowait(Notice(str(data.get("kind", "")), int(data.get("seq", 0)), str(data.get("reason", ""))))
+            queue.put_nowait(Notice(str(data.get("kind", "")), int(data.get("seq", 0))))
 
     async def _listen(self) -> None:
         while True:

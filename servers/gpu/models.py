@@ -40,6 +40,8 @@ class NodeRow(Base):
     stake_wei: Mapped[Decimal | None] = mapped_column(Numeric(78, 0), nullable=True)
     token_hash: Mapped[str | None] = mapped_column(Text, nullable=True, unique=True)
     drain_deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The reason given to DrainNode, kept while DRAINING and DRAINED for the agent's drain notice.
+    drain_reason: Mapped[str] = mapped_column(Text, default="", server_default="")
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # The summary of the last accepted report (the full report goes to the telemetry store).

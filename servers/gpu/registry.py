@@ -104,7 +104,6 @@ class Change:
     row: NodeRow
     changed: bool
     notice: str = ""
-    reason: str = ""
 
 
 def etag_of(row: NodeRow) -> str:
@@ -229,6 +228,7 @@ class Registry:
                 labels=dict(inventory.labels),
                 state=State.REGISTERING,
                 state_message="",
+                drain_reason="",
                 desired_models=[],
                 placement_revision=0,
                 create_time=now,
@@ -372,13 +372,13 @@ class Registry:
             return Change(row, False)
         now = self._clock()
         row.state = State.DRAINING
-        row.state_message = reason or "drained by the operator"
+        row.state_message = row.drain_reason = reason or "drained by the operator"
         row.drain_deadline = now + (DEFAULT_GRACE if grace is None else grace)
         row.update_time = now
         if grace == timedelta() or not self._busy(row):
             self._set_drained(row, now)
         await uow.session.flush()
-        return Change(row, True, DRAIN, reason or "drained by the operator")
+        return Change(row, True, DRAIN)
 
     async def resume(self, uow: UnitOfWork, principal: Principal, name: str) -> Change:
         row = await self._writable(uow, principal, name)
@@ -390,7 +390,7 @@ class Registry:
         else:
             row.state = State.UNHEALTHY
             row.state_message = "no recent healthy telemetry report"
-        row.drain_deadline = None
+        row.drain_deadline, row.drain_reason = None, ""
         row.update_time = self._clock()
         await uow.session.flush()
         return Change(row, True)
@@ -405,7 +405,7 @@ class Registry:
             )
         row.state, row.state_message = State.DEREGISTERED, ""
         row.token_hash = None
-        row.drain_deadline = None
+        row.drain_deadline, row.drain_reason = None, ""
         row.update_time = self._clock()
         await uow.session.flush()
         return Change(row, True, DEREGISTERED)
@@ -427,10 +427,9 @@ class Registry:
             seen.add(placement.model)
         v.raise_if_any()
         row = await self._writable(uow, principal, name, etag)
-        desired = [{"model": p.model, "version": p.version} for p in models]
-        if desired == row.desired_models:
-            return Change(row, False)
-        row.desired_models = desired
+        # Sent again even when the set is unchanged: the agent converges on it (an explicit empty set
+        # unloads what Triton was started with, which revision 0 leaves alone).
+        row.desired_models = [{"model": p.model, "version": p.version} for p in models]
         row.placement_revision += 1
         row.update_time = self._clock()
         await uow.session.flush()
@@ -447,7 +446,7 @@ class Registry:
             seq = await self._control.next_stream_seq(change.row.id)
             await self._control.send(change.row.id, OPENED, stream_seq=seq)
         elif change.notice:
-            await self._control.send(change.row.id, change.notice, reason=change.reason)
+            await self._control.send(change.row.id, change.notice)
 
     # --- the agent's side ----------------------------------------------------------------------
 

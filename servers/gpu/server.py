@@ -61,6 +61,7 @@ class GpuApp:
         control = ControlHub(runtime.redis, prefix)
         await control.start()
         runtime.on_close(control.stop)
+        runtime.on_stopping(control.drain_streams)  # streams end with SERVER_SHUTDOWN, not cancelled
         registry = Registry(settings, runtime.page_tokens, NonceRegistry(runtime.redis, prefix), live, control, stake)
         runtime.authenticators.append(AgentTokenAuthenticator(runtime.database, registry))
         streams = TelemetryStreams(

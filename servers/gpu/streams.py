@@ -29,6 +29,7 @@ from servers.gpu.registry import NODES_TOPIC, Registry, State
 from servers.gpu.reports import RateTracker, report_problem, summarize
 
 log = structlog.get_logger("far.gpu.streams")
+DRAINING_OR_DRAINED = (State.DRAINING, State.DRAINED)
 Closed = gpu_service_pb2.StreamClosed
 Instruction = gpu_service_pb2.NodeInstruction
 
@@ -93,8 +94,8 @@ class TelemetryStreams:
             await self._control.send(node_id, OPENED, stream_seq=seq)
             yield Instruction(config=gpu_service_pb2.AgentConfig(report_interval=convert.duration_s(self._interval_s)))
             yield Instruction(placement=convert.placement_instruction(row))
-            if row.state == State.DRAINING:
-                yield self._drain_notice(row, row.state_message)
+            if row.state in DRAINING_OR_DRAINED:
+                yield self._drain_notice(row)
             session = _Session(node_id)
             pending: object = _Incoming(first)
             loop = asyncio.get_running_loop()
@@ -159,13 +160,14 @@ class TelemetryStreams:
                 row = await self._registry.streamed_node(uow, node_id)
             if notice.kind == PLACEMENT:
                 return Instruction(placement=convert.placement_instruction(row))
-            return self._drain_notice(row, notice.reason)
+            if row.state in DRAINING_OR_DRAINED:  # not when resumed since
+                return self._drain_notice(row)
         return None
 
-    def _drain_notice(self, row: NodeRow, reason: str) -> Instruction:
+    def _drain_notice(self, row: NodeRow) -> Instruction:
         """The drain notice; a node that drained at once (nothing running) has its deadline now."""
         deadline = convert.timestamp(row.drain_deadline or self._clock())
-        return Instruction(drain=gpu_service_pb2.DrainNotice(deadline=deadline, reason=reason))
+        return Instruction(drain=gpu_service_pb2.DrainNotice(deadline=deadline, reason=row.drain_reason))
 
     async def _report(self, session: _Session, report: telemetry_pb2.TelemetryReport) -> Instruction:
         now = self._clock()

@@ -17,6 +17,7 @@ from servers.common.events import EventBus
 from servers.common.server import RunningServer, start_server
 from servers.gamed.server import SPEC as GAMED
 from tests.integration.auth_support import BOOTSTRAP_ADMIN, admin_session
+from tests.integration.gpu_support import gpu, gpu_channel, gpu_server, moto_dynamodb  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,7 @@
 """The gpu service in tests: an in-process server, signed registrations, and a scripted node agent.
 
-How to run the gpu service in a test (the node agent's tests use the same pieces):
-
-    from tests.integration.gpu_support import gpu_server, gpu_channel, gpu  # noqa: F401 (fixtures)
+How to run the gpu service in a test (the node agent's tests use the same pieces). Under tests/integration the
+fixtures `gpu_server`, `gpu_channel`, `gpu` and `moto_dynamodb` come from its conftest; elsewhere import them.
 
     async def test_x(gpu: GpuStub, make_token):
         operator = Operator.new()
@@ -25,6 +24,7 @@ import os
 import secrets
 import sys
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -109,7 +109,11 @@ def moto_dynamodb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     port = free_port()
     binary = Path(sys.executable).with_name("moto_server")
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    process = ManagedProcess("moto", [str(binary), "-H", "127.0.0.1", "-p", str(port)], log_path=log).start()
+    process = ManagedProcess("moto", [str(binary), "-H", "127.0.0.1", "-p", str(port)], log_path=log)
+    # Started from a worker thread: from the main thread ManagedProcess runs a Python pre-exec hook in the
+    # forked child, which aborts there when an in-process gRPC server of the run is already up.
+    with ThreadPoolExecutor(1) as starter:
+        starter.submit(process.start).result()
     saved = {key: os.environ.get(key) for key in MOTO_AWS_ENV}
     os.environ.update(MOTO_AWS_ENV)
     try:

@@ -1,7 +1,5 @@
 """The node registry over gRPC: registration proofs, visibility, listing filters, updates and the lifecycle."""
 
-# ruff: noqa: F811 - the fixtures imported from gpu_support come back as test parameters
-
 from __future__ import annotations
 
 import secrets
@@ -13,17 +11,13 @@ import pytest
 from far.gpu.v1 import gpu_service_pb2, node_pb2
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from tests.integration.gpu_support import (  # noqa: F401 (fixtures)
+from tests.integration.gpu_support import (
     AgentStream,
     GpuStub,
     Operator,
-    gpu,
-    gpu_channel,
-    gpu_server,
     registered,
     report,
     unique_node_id,
-    wait_for_state,
 )
 from tests.integration.rich_errors import expect_error
 

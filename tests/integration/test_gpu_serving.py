@@ -1,7 +1,5 @@
 """FindServingNodes: HEALTHY nodes with the model READY in a fresh report, least loaded first, filters, access."""
 
-# ruff: noqa: F811 - the fixtures imported from gpu_support come back as test parameters
-
 from __future__ import annotations
 
 import asyncio
@@ -15,13 +13,10 @@ import grpc
 import pytest
 from far.gpu.v1 import gpu_service_pb2, node_pb2
 
-from tests.integration.gpu_support import (  # noqa: F401 (fixtures)
+from tests.integration.gpu_support import (
     AgentStream,
     GpuStub,
     Operator,
-    gpu,
-    gpu_channel,
-    gpu_server,
     registered,
     report,
 )

@@ -1,7 +1,5 @@
 """StreamTelemetry round trips: heartbeat and health, silence, placement, drain notices and every way a stream ends."""
 
-# ruff: noqa: F811 - the fixtures imported from gpu_support come back as test parameters
-
 from __future__ import annotations
 
 import asyncio
@@ -11,17 +9,17 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 from far.gpu.v1 import gpu_service_pb2, gpu_service_pb2_grpc, node_pb2
+from google.protobuf import duration_pb2
 
+from servers.common.config import Settings
 from servers.common.events import EventBus
-from tests.integration.gpu_support import (  # noqa: F401 (fixtures)
+from servers.common.server import start_server
+from servers.gpu.server import GpuApp
+from tests.integration.gpu_support import (
     REPORT_INTERVAL_S,
     AgentStream,
     GpuStub,
     Operator,
-    RunningGpu,
-    gpu,
-    gpu_channel,
-    gpu_server,
     registered,
     report,
     running_gpu,
@@ -184,6 +182,26 @@ class TestPlacement:
             await await_stale
         assert failure.value.code() == grpc.StatusCode.ABORTED
 
+    async def test_the_same_placement_is_sent_again_with_a_new_revision(self, gpu: GpuStub, auth: Auth) -> None:
+        operator = Operator.new()
+        name, token = await registered(gpu, operator)
+        me = auth(operator.address)
+        async with AgentStream.open(gpu, token, name) as agent:
+            assert (await agent.next_of("placement")).placement.revision == 0
+            await agent.send(report(1, models=[("preloaded", 1)]))  # what Triton was started with
+            await agent.next_of("ack")
+            etag = (await gpu.GetNode(gpu_service_pb2.GetNodeRequest(name=name), metadata=me)).etag
+            for revision in (1, 2):  # an explicit empty set, twice: each time the agent is told to unload
+                placed = await gpu.SetModelPlacement(
+                    gpu_service_pb2.SetModelPlacementRequest(name=name, etag=etag), metadata=me
+                )
+                assert list(placed.desired_models) == []
+                assert placed.etag != etag
+                etag = placed.etag
+                instruction = (await agent.next_of("placement")).placement
+                assert (instruction.revision, list(instruction.desired)) == (revision, [])
+                assert [(m.model, m.version) for m in instruction.unload] == [("preloaded", 1)]
+
     async def test_bad_placements_are_invalid(self, gpu: GpuStub, auth: Auth) -> None:
         operator = Operator.new()
         name, _ = await registered(gpu, operator)
@@ -194,6 +212,47 @@ class TestPlacement:
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await gpu.SetModelPlacement(request, metadata=auth(operator.address))
         assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+class TestDrainNotice:
+    async def test_the_reason_reaches_every_stream_until_the_node_is_resumed(self, gpu: GpuStub, auth: Auth) -> None:
+        operator = Operator.new()
+        name, token = await registered(gpu, operator)
+        me = auth(operator.address)
+        async with AgentStream.open(gpu, token, name) as agent:
+            await agent.send(report(1, models=[("llm", 1)], active=1))  # a request running: DRAINING until it ends
+            await agent.next_of("ack")
+            drained = await gpu.DrainNode(
+                gpu_service_pb2.DrainNodeRequest(
+                    name=name, reason="disk swap", grace_period=duration_pb2.Duration(seconds=600)
+                ),
+                metadata=me,
+            )
+            assert drained.state == State.STATE_DRAINING
+            assert (await agent.next_of("drain")).drain.reason == "disk swap"
+        async with AgentStream.open(gpu, token, name) as agent:  # the agent reconnects while DRAINING
+            assert (await agent.next_of("drain")).drain.reason == "disk swap"
+            await agent.send(report(1, models=[("llm", 1)]))  # the request finished
+            await agent.next_of("ack")
+        node = await wait_for_state(gpu, name, me, State.STATE_DRAINED)
+        assert node.state_message == ""
+        async with AgentStream.open(gpu, token, name) as agent:  # and once DRAINED
+            assert (await agent.next_of("drain")).drain.reason == "disk swap"
+        await gpu.ResumeNode(gpu_service_pb2.ResumeNodeRequest(name=name), metadata=me)
+        async with AgentStream.open(gpu, token, name) as agent:
+            await agent.next_of("placement")
+            await agent.send(report(1))
+            assert (await agent.next()).WhichOneof("instruction") == "ack"  # no drain notice any more
+
+    async def test_a_node_drained_at_once_gets_the_reason_too(self, gpu: GpuStub, auth: Auth) -> None:
+        operator = Operator.new()
+        name, token = await registered(gpu, operator)
+        me = auth(operator.address)
+        async with AgentStream.open(gpu, token, name) as agent:
+            await agent.next_of("placement")
+            drained = await gpu.DrainNode(gpu_service_pb2.DrainNodeRequest(name=name, reason="move"), metadata=me)
+            assert drained.state == State.STATE_DRAINED  # nothing was running
+            assert (await agent.next_of("drain")).drain.reason == "move"
 
 
 class TestClosing:
@@ -224,21 +283,24 @@ class TestClosing:
             )
             assert (await agent.closed()).reason == Closed.REASON_DEREGISTERED
 
-    async def test_draining_the_streams_closes_them_with_server_shutdown(
-        self, service_env: dict[str, str], auth: Auth
-    ) -> None:
-        async with (
-            running_gpu(service_env) as replica,
-            grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel,
-        ):
-            gpu = gpu_service_pb2_grpc.GpuServiceStub(channel)
-            name, token = await registered(gpu, Operator.new())
-            async with AgentStream.open(gpu, token, name) as agent:
-                await agent.next_of("placement")
-                assert replica.app.control is not None
-                drained = asyncio.create_task(replica.app.control.drain_streams())
-                assert (await agent.closed()).reason == Closed.REASON_SERVER_SHUTDOWN
-                assert await drained
+    async def test_a_server_stop_ends_the_stream_with_server_shutdown(self, service_env: dict[str, str]) -> None:
+        environ = {"GPU_REPORT_INTERVAL_S": str(REPORT_INTERVAL_S), **service_env, "GRPC_LISTEN": "127.0.0.1:0"}
+        replica = await start_server(GpuApp(environ).spec(), Settings.from_env("gpu", 0, environ=environ))
+        stopping: asyncio.Task[None] | None = None
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+                gpu = gpu_service_pb2_grpc.GpuServiceStub(channel)
+                name, token = await registered(gpu, Operator.new())
+                async with AgentStream.open(gpu, token, name) as agent:
+                    await agent.next_of("placement")
+                    stopping = asyncio.create_task(replica.stop())
+                    closed = await agent.closed()  # a final message and status OK, not a cancelled call
+                    assert closed.reason == Closed.REASON_SERVER_SHUTDOWN
+                    assert "reconnect" in closed.message
+        finally:
+            if stopping is None:
+                stopping = asyncio.create_task(replica.stop())
+            await stopping
 
 
 class TestReplicas:

@@ -1,8 +1,6 @@
 """Telemetry history: the same cases against the PostgreSQL store and the DynamoDB store (moto's server as the
 stand-in for AWS, through the same aioboto3 client code), downsampling, and QueryTelemetry end to end."""
 
-# ruff: noqa: F811 - the fixtures imported from gpu_support come back as test parameters
-
 from __future__ import annotations
 
 import secrets
@@ -22,14 +20,10 @@ from servers.gpu.settings import GpuSettings
 from servers.gpu.telemetry_dynamodb import DynamoTelemetryStore
 from servers.gpu.telemetry_postgres import PostgresTelemetryStore
 from servers.gpu.telemetry_store import TelemetryStore
-from tests.integration.gpu_support import (  # noqa: F401 (fixtures)
+from tests.integration.gpu_support import (
     AgentStream,
     GpuStub,
     Operator,
-    gpu,
-    gpu_channel,
-    gpu_server,
-    moto_dynamodb,
     registered,
     report,
     running_gpu,

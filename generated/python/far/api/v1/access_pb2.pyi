@@ -90,8 +90,12 @@ class Access(_message.Message):
         empty). Accounts holding one of `roles` (when `roles` is not empty; `admin` then
         always) are admitted too.
 
-        Until partner credentials land (the mTLS issue), no call carries a partner identity,
-        so every caller outside `roles` is PERMISSION_DENIED (`PARTNER_ONLY`).
+        A call carries a partner identity in one of two ways: the partner's client certificate,
+        verified by Envoy's partner listener and forwarded in `x-forwarded-client-cert` with
+        SPIFFE id `spiffe://far.network/partner/<kind>` (believed only on a connection from the
+        edge's own certificate), or a credential the service itself issued and checks (a node
+        agent's `fna_` agent token). Every other caller outside `roles` is PERMISSION_DENIED
+        (`PARTNER_ONLY`).
         """
         LEVEL_INTERNAL: Access._Level.ValueType  # 5
         """Another FAR service (service-to-service, the mTLS identity of an internal service):
@@ -100,8 +104,10 @@ class Access(_message.Message):
         too; with `roles` empty, admins are refused like everyone else. Such methods usually
         have no `google.api.http` binding.
 
-        Until service identities land (the mTLS issue), every caller outside `roles` is
-        PERMISSION_DENIED (`PARTNER_ONLY`).
+        The service identity is the SPIFFE id `spiffe://far.network/service/<name>` of the
+        caller's own client certificate, signed by the platform CA, on a server that requires
+        mTLS; a server without mTLS sees no service identities. Every other caller outside
+        `roles` is PERMISSION_DENIED (`PARTNER_ONLY`).
         """
 
     class Level(_Level, metaclass=_LevelEnumTypeWrapper):
@@ -135,8 +141,12 @@ class Access(_message.Message):
     empty). Accounts holding one of `roles` (when `roles` is not empty; `admin` then
     always) are admitted too.
 
-    Until partner credentials land (the mTLS issue), no call carries a partner identity,
-    so every caller outside `roles` is PERMISSION_DENIED (`PARTNER_ONLY`).
+    A call carries a partner identity in one of two ways: the partner's client certificate,
+    verified by Envoy's partner listener and forwarded in `x-forwarded-client-cert` with
+    SPIFFE id `spiffe://far.network/partner/<kind>` (believed only on a connection from the
+    edge's own certificate), or a credential the service itself issued and checks (a node
+    agent's `fna_` agent token). Every other caller outside `roles` is PERMISSION_DENIED
+    (`PARTNER_ONLY`).
     """
     LEVEL_INTERNAL: Access.Level.ValueType  # 5
     """Another FAR service (service-to-service, the mTLS identity of an internal service):
@@ -145,8 +155,10 @@ class Access(_message.Message):
     too; with `roles` empty, admins are refused like everyone else. Such methods usually
     have no `google.api.http` binding.
 
-    Until service identities land (the mTLS issue), every caller outside `roles` is
-    PERMISSION_DENIED (`PARTNER_ONLY`).
+    The service identity is the SPIFFE id `spiffe://far.network/service/<name>` of the
+    caller's own client certificate, signed by the platform CA, on a server that requires
+    mTLS; a server without mTLS sees no service identities. Every other caller outside
+    `roles` is PERMISSION_DENIED (`PARTNER_ONLY`).
     """
 
     LEVEL_FIELD_NUMBER: _builtins.int

@@ -1,0 +1,112 @@
+"""RunningServer.stop() runs the `Runtime.on_stopping` hooks while calls still run, then stops, then closes.
+
+A probe service with one long server stream: its stopping hook tells the stream to say goodbye and waits
+until it has, so the caller gets a last message and status OK instead of a cancelled call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import wrappers_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from servers.common.config import Settings
+from servers.common.server import Runtime, ServiceSpec, start_server
+from tests.integration.probe_contract import PUBLIC, Kind, declare_probe
+
+pytestmark = pytest.mark.integration
+
+PROBE = "far.test.v1.HookProbeService"
+Text = wrappers_pb2.StringValue
+Context = grpc.aio.ServicerContext[Any, Any]
+Health = health_pb2.HealthCheckResponse
+
+declare_probe(PROBE, {"Watch": (Kind.SERVER_STREAM, PUBLIC)})
+
+
+class WatchService:
+    """`Watch` says `started`, then `bye` once told to finish; `order` records the hooks as they run."""
+
+    def __init__(self) -> None:
+        self.channel: grpc.aio.Channel | None = None  # the test's channel, for the health check in the hook
+        self.order: list[str] = []
+        self.health_when_stopping: list[int] = []
+        self._finish = asyncio.Event()
+        self._finished = asyncio.Event()
+
+    async def Watch(self, request: Text, context: Context) -> AsyncIterator[Text]:
+        try:
+            yield Text(value="started")
+            await self._finish.wait()
+            yield Text(value="bye")
+        finally:
+            self._finished.set()
+
+    async def failing_hook(self) -> None:
+        self.order.append("failing")
+        raise RuntimeError("a broken hook must not stop the others")
+
+    async def say_goodbye(self) -> None:
+        self.order.append("stopping")
+        assert self.channel is not None
+        answer = await health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(service=PROBE))
+        self.health_when_stopping.append(answer.status)
+        self._finish.set()
+        await self._finished.wait()
+
+    async def close(self) -> None:
+        self.order.append("close")
+
+    def spec(self) -> ServiceSpec:
+        async def setup(server: grpc.aio.Server, runtime: Runtime) -> None:
+            watch = grpc.unary_stream_rpc_method_handler(
+                self.Watch, request_deserializer=Text.FromString, response_serializer=Text.SerializeToString
+            )
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(PROBE, {"Watch": watch}),))
+            runtime.on_close(self.close)
+            runtime.on_stopping(self.failing_hook)
+            runtime.on_stopping(self.say_goodbye)
+
+        return ServiceSpec(
+            name="probe", default_port=0, service_names=[PROBE], setup=setup, uses_database=False, uses_redis=False
+        )
+
+
+def probe_settings(jwt_secret: str) -> Settings:
+    environ = {
+        "JWT_SECRET": jwt_secret,
+        "GRPC_LISTEN": "127.0.0.1:0",
+        "DRAIN_DELAY_SECONDS": "0",
+        "SHUTDOWN_GRACE_SECONDS": "5",
+    }
+    return Settings.from_env("probe", 0, environ=environ)
+
+
+class TestStoppingHooks:
+    async def test_hooks_run_before_calls_are_cancelled_and_before_closing(self, jwt_secret: str) -> None:
+        service = WatchService()
+        running = await start_server(service.spec(), probe_settings(jwt_secret))
+        stopping: asyncio.Task[None] | None = None
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                service.channel = channel
+                watch = channel.unary_stream(
+                    f"/{PROBE}/Watch", request_serializer=Text.SerializeToString, response_deserializer=Text.FromString
+                )
+                call = watch(Text(value="x"))
+                assert await call.read() == Text(value="started")
+                stopping = asyncio.create_task(running.stop())
+                assert await call.read() == Text(value="bye")
+                assert await call.read() is grpc.aio.EOF
+                assert await call.code() == grpc.StatusCode.OK
+        finally:
+            if stopping is None:
+                stopping = asyncio.create_task(running.stop())
+            await stopping
+        assert service.order == ["failing", "stopping", "close"]
+        assert service.health_when_stopping == [Health.NOT_SERVING]
