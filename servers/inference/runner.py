@@ -327,12 +327,3 @@ class Runner:
             self._slots[model.id].give()
             with contextlib.suppress(Exception):
                 await self._admission.release(job_id, owner)
-
-
-def interrupted(state: int, next_offset: int) -> inference_service_pb2.GenerateEnd:
-    """The `final` of a stream that ends before its job (server shutdown): resume with StreamJob."""
-    end = inference_service_pb2.GenerateEnd(state=job_pb2.Job.State.ValueType(state), next_offset=next_offset)
-    end.error.CopyFrom(
-        error_status(code_pb2.UNAVAILABLE, "STREAM_INTERRUPTED", "the stream ended before the job; resume it")
-    )
-    return end

@@ -177,6 +177,7 @@ async def _setup(server: grpc.aio.Server, runtime: Runtime, environ: Mapping[str
     )
     servicer = InferenceServicer(parts)
     runtime.on_close(servicer.close)
+    runtime.on_stopping(servicer.stopping)
     inference_service_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     consumer = f"{socket.gethostname()}:{os.getpid()}"
     refresh_s = env.number("INFERENCE_NODES_REFRESH_S", 2.0, minimum=0.05)

@@ -66,6 +66,15 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
     def __init__(self, parts: Parts) -> None:
         self._p = parts
         self._watchdogs: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._listeners: set[asyncio.Queue[Any]] = set()
+
+    async def stopping(self) -> None:
+        """The server is shutting down: end every stream now with an interrupted `final` (clients resume with
+        StreamJob elsewhere) instead of having them cancelled without one."""
+        self._stopping.set()
+        for queue in list(self._listeners):
+            queue.put_nowait(streams.Interrupt())
 
     # --- Models and quotes ---------------------------------------------------------------------------
 
@@ -213,7 +222,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         if await self._start_here(model):
             # The fast path: the model starts its prefill now, while the payment is verified and the job is
             # admitted and recorded; its pieces are held until that is done (none reaches the caller unpaid).
-            queue: asyncio.Queue[Piece | pb.GenerateEnd] = asyncio.Queue()
+            queue: asyncio.Queue[Piece | pb.GenerateEnd | streams.Interrupt] = asyncio.Queue()
             gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._p.runner.start(job_id, principal.subject, model, spec.generation, queue.put_nowait, gate=gate)
             try:
@@ -237,11 +246,13 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             gate.set_result(None)
             yield streams.job_message(message)
             finished = False
+            self._listeners.add(queue)
             try:
                 async for response in streams.from_listener(queue):
                     finished = response.HasField("final")
                     yield response
             finally:
+                self._listeners.discard(queue)
                 if not finished:
                     self._watch_disconnect(job_id)
             return
@@ -295,6 +306,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 from_offset,
                 position=position,
                 ended_without_stream=ended_without_stream,
+                stop=self._stopping,
             ):
                 yield response
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from far.inference.v1 import inference_service_pb2, job_pb2
+from google.rpc import code_pb2, error_details_pb2
 
 from servers.inference.token_stream import Delta, End, TokenStreams
 from servers.inference.triton_stream import Piece
@@ -32,8 +33,23 @@ def final(end: inference_service_pb2.GenerateEnd, next_offset: int) -> Response:
     return Response(final=message)
 
 
+def interrupted(state: int, next_offset: int) -> Response:
+    """The `final` of a stream that ends before its job (the server is shutting down): resume with StreamJob."""
+    end = inference_service_pb2.GenerateEnd(state=job_pb2.Job.State.ValueType(state), next_offset=next_offset)
+    end.error.code = code_pb2.UNAVAILABLE
+    end.error.message = "the server is shutting down; resume the stream with StreamJob from next_offset"
+    end.error.details.add().Pack(
+        error_details_pb2.ErrorInfo(reason="STREAM_INTERRUPTED", domain="inference.far.network")
+    )
+    return Response(final=end)
+
+
+class Interrupt:
+    """Put into a listener queue: end the stream now with an interrupted `final` (server shutdown)."""
+
+
 async def from_listener(
-    queue: asyncio.Queue[Piece | inference_service_pb2.GenerateEnd],
+    queue: asyncio.Queue[Piece | inference_service_pb2.GenerateEnd | Interrupt],
 ) -> AsyncIterator[Response]:
     """Deltas and `final` of a job running here, as its pieces arrive."""
     next_offset = 0
@@ -42,6 +58,9 @@ async def from_listener(
         if isinstance(item, Piece):
             next_offset = item.offset + item.token_count
             yield delta(item.text, item.offset, item.token_count)
+        elif isinstance(item, Interrupt):
+            yield interrupted(job_pb2.Job.STATE_RUNNING, next_offset)
+            return
         else:
             yield final(item, next_offset)
             return
@@ -55,6 +74,7 @@ async def from_token_stream(
     position: Callable[[], Awaitable[int]],
     ended_without_stream: Callable[[], Awaitable[inference_service_pb2.GenerateEnd | None]],
     tick_s: float = 1.0,
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[Response]:
     """Replay from `from_offset`, follow live, and end with `final`.
 
@@ -65,6 +85,9 @@ async def from_token_stream(
     next_offset = from_offset
     last_position, last_sent = -1, 0.0
     async for item in streams.follow(job_id, from_offset, tick_s=tick_s):
+        if stop is not None and stop.is_set():  # checked at least every tick
+            yield interrupted(job_pb2.Job.STATE_RUNNING if next_offset else job_pb2.Job.STATE_QUEUED, next_offset)
+            return
         if isinstance(item, Delta):
             next_offset = max(next_offset, item.next_offset)
             yield delta(item.text, item.offset, item.token_count)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,13 +30,9 @@ MODEL = f"models/{CHAT_MODEL}"
 Metadata = tuple[tuple[str, str], ...]
 
 
-@pytest.fixture(scope="module")
-async def inference_server(
-    triton: TritonProcess, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[RunningServer]:
-    catalog = tmp_path_factory.mktemp("inference") / "models.json"
+def server_environ(triton: TritonProcess, service_env: dict[str, str], catalog: Path) -> dict[str, str]:
     catalog.write_text(json.dumps([{"id": CHAT_MODEL, "context_length": 2048, "max_output_tokens": 200, "free": True}]))
-    environ = {
+    return {
         **service_env,
         "GRPC_LISTEN": "127.0.0.1:0",
         "INFERENCE_MODELS_FILE": str(catalog),
@@ -45,6 +42,13 @@ async def inference_server(
         "INFERENCE_MAX_JOBS_PER_ACCOUNT": "2",
         "INFERENCE_DISCONNECT_GRACE_S": "0.5",
     }
+
+
+@pytest.fixture(scope="module")
+async def inference_server(
+    triton: TritonProcess, service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningServer]:
+    environ = server_environ(triton, service_env, tmp_path_factory.mktemp("inference") / "models.json")
     running = await start_server(make_spec(environ), Settings.from_env("inference", 0, environ=environ))
     try:
         yield running
@@ -274,3 +278,33 @@ async def test_job_events_and_metrics(
         await asyncio.sleep(0.05)
     await redis.aclose()
     assert states == [job_pb2.Job.STATE_QUEUED, job_pb2.Job.STATE_RUNNING, job_pb2.Job.STATE_SUCCEEDED]
+
+
+async def test_a_server_stop_ends_streams_with_an_interrupted_final(
+    triton: TritonProcess,
+    service_env: dict[str, str],
+    tmp_path: Path,
+    caller: Callable[[str], Metadata],
+) -> None:
+    # A second replica of its own (the module's server stays up); 0.3 s of drain delay, then the stop hook.
+    environ = {**server_environ(triton, service_env, tmp_path / "models.json"), "DRAIN_DELAY_SECONDS": "0.3"}
+    replica = await start_server(make_spec(environ), Settings.from_env("inference", 0, environ=environ))
+    owner = wallet()
+    stopping: asyncio.Task[None] | None = None
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+            stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+            call = stub.Generate(story(max_tokens=180), metadata=caller(owner))
+            seen = [r async for r in _take(call, 2)]
+            stopping = asyncio.create_task(replica.stop())
+            seen += [r async for r in call]
+            await stopping
+    finally:
+        if stopping is None:
+            await replica.stop()
+    end = seen[-1].final
+    assert end.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    info = error_details_pb2.ErrorInfo()
+    end.error.details[0].Unpack(info)
+    assert info.reason == "STREAM_INTERRUPTED"
+    assert end.next_offset == sum(r.delta.token_count for r in seen if r.HasField("delta"))
