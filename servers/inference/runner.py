@@ -139,15 +139,15 @@ class Runner:
             self._run(job_id, owner, model, generation, running, gate), name=f"job:{job_id}"
         )
 
-    def cancel(self, job_id: str, reason: str = "JOB_CANCELLED") -> bool:
-        """Cancel a job running here; False when it does not run on this replica."""
+    def cancel(self, job_id: str, reason: str = "JOB_CANCELLED") -> asyncio.Task[None] | None:
+        """Cancel a job running here: its task (done once the ending is written), or None when it does not run
+        on this replica."""
         running = self._running.get(job_id)
-        if running is None:
-            return False
+        if running is None or running.task is None:
+            return None
         running.cancel_reason = reason
-        if running.task is not None:
-            running.task.cancel()
-        return True
+        running.task.cancel()
+        return running.task
 
     async def dispatch(self, model: ModelSpec, consumer: str) -> None:
         """Take jobs of `model` from the admission queue whenever a local slot is free; runs until cancelled."""

@@ -341,7 +341,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         row = await self._visible_job(request.name)
         message = convert.job(row)
         if row.state == job_pb2.Job.STATE_QUEUED:
-            ticket = await self._p.admission.ticket(row.model.removeprefix("models/"), row.id)
+            ticket = await self._p.admission.ticket(self._served_as(row.model), row.id)
             message.queue_position = await self._p.admission.position(ticket) if ticket else 0
         return message
 
@@ -381,25 +381,30 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             raise FailedPrecondition(f"{request.name} has ended already", reason="JOB_ENDED")
         if row.state == job_pb2.Job.STATE_CANCELLED:
             return convert.job(row)
-        await self._cancel(row.id, "JOB_CANCELLED")
-        for _ in range(100):  # the runner ends it within about a token
+        ended_here = await self._cancel(row.id, "JOB_CANCELLED")
+        if ended_here is not None:  # it ran here: its ending is written when the task is done
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(ended_here), 5.0)
+        for _ in range(500):  # elsewhere: the replica running it ends it within about a token
             async with self._p.database.read() as uow:
                 row = await repository.get_job(uow.session, row.id)
             if row is not None and row.state not in repository.UNFINISHED:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
         return convert.job(row)
 
-    async def _cancel(self, job_id: str, reason: str) -> None:
-        """Cancel wherever the job is: queued (ended here), running here, or running on another replica."""
-        if self._p.runner.cancel(job_id, reason):
-            return
+    async def _cancel(self, job_id: str, reason: str) -> asyncio.Task[None] | None:
+        """Cancel wherever the job is: queued (ended here), running here (its task is returned), or running on
+        another replica (asked over the cancel channel)."""
+        task = self._p.runner.cancel(job_id, reason)
+        if task is not None:
+            return task
         async with self._p.database.transaction() as uow:
             row = await repository.get_job(uow.session, job_id, for_update=True)
             if row is None or row.state not in repository.UNFINISHED:
-                return
+                return None
             if row.state == job_pb2.Job.STATE_QUEUED:
-                ticket = await self._p.admission.ticket(row.model.removeprefix("models/"), job_id)
+                ticket = await self._p.admission.ticket(self._served_as(row.model), job_id)
                 if ticket is not None and await self._p.admission.withdraw(ticket, row.owner):
                     status = error_status(code_pb2.CANCELLED, reason, "the job was cancelled before it started")
                     ended = await repository.mark_ended(
@@ -413,8 +418,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     if ended is not None:
                         uow.publish(jobs.JOBS_TOPIC, convert.job(ended, with_output=False))
                         await self._p.streams.end(job_id, _end_of(ended).SerializeToString())
-                    return
+                    return None
         await self._p.streams.request_cancel(job_id, reason)
+        return None
+
+    def _served_as(self, model_name: str) -> str:
+        """The queue (Triton model name) of a catalog model, `models/{model}`."""
+        spec = self._p.catalog.get(model_name.removeprefix("models/"))
+        return spec.served_as if spec is not None else model_name.removeprefix("models/")
 
     async def close(self) -> None:
         for task in list(self._watchdogs):
