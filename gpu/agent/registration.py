@@ -16,12 +16,9 @@ from eth_account.messages import encode_defunct
 from far.gpu.v1 import gpu_service_pb2, node_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from servers.gpu.registration import registration_text
+
 SIGNATURE_LIFETIME = timedelta(minutes=5)
-
-
-def rfc3339(moment: datetime) -> str:
-    """Whole seconds, UTC, `Z` suffix: the form the signed message uses."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -37,17 +34,15 @@ class RegistrationClaim:
     expire_time: datetime
 
     def message(self) -> str:
-        return "\n".join(
-            (
-                "far.network GPU node registration",
-                f"Node: nodes/{self.node_id}",
-                f"Endpoint: {self.endpoint}",
-                f"Operator: {self.operator}",
-                f"Chain ID: {self.chain_id}",
-                f"Nonce: {self.nonce}",
-                f"Issued At: {rfc3339(self.issue_time)}",
-                f"Expiration Time: {rfc3339(self.expire_time)}",
-            )
+        """The text to sign: the gpu service's own definition (servers/gpu/registration.py)."""
+        return registration_text(
+            node_id=self.node_id,
+            endpoint=self.endpoint,
+            operator=self.operator,
+            chain_id=self.chain_id,
+            nonce=self.nonce,
+            issue_time=self.issue_time,
+            expire_time=self.expire_time,
         )
 
 

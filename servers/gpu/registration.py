@@ -6,7 +6,7 @@ import hashlib
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
 
@@ -33,22 +33,45 @@ class RegistrationProof:
 
 def rfc3339(value: datetime) -> str:
     """`2026-11-25T10:00:00Z`: whole seconds, UTC, as the signed message writes times."""
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def registration_message(proof: RegistrationProof) -> str:
-    """The EIP-191 text the operator signs, exactly as the contract spells it out."""
+def registration_text(
+    *,
+    node_id: str,
+    endpoint: str,
+    operator: str,
+    chain_id: int,
+    nonce: str,
+    issue_time: datetime,
+    expire_time: datetime,
+) -> str:
+    """The EIP-191 text the operator signs, exactly as the contract spells it out (the node agent signs this
+    same text: one definition for both sides)."""
     return "\n".join(
         (
             "far.network GPU node registration",
-            f"Node: nodes/{proof.node_id}",
-            f"Endpoint: {proof.endpoint}",
-            f"Operator: {proof.operator}",
-            f"Chain ID: {proof.chain_id}",
-            f"Nonce: {proof.nonce}",
-            f"Issued At: {rfc3339(proof.issue_time)}",
-            f"Expiration Time: {rfc3339(proof.expire_time)}",
+            f"Node: nodes/{node_id}",
+            f"Endpoint: {endpoint}",
+            f"Operator: {operator}",
+            f"Chain ID: {chain_id}",
+            f"Nonce: {nonce}",
+            f"Issued At: {rfc3339(issue_time)}",
+            f"Expiration Time: {rfc3339(expire_time)}",
         )
+    )
+
+
+def registration_message(proof: RegistrationProof) -> str:
+    """The text `proof` claims to sign."""
+    return registration_text(
+        node_id=proof.node_id,
+        endpoint=proof.endpoint,
+        operator=proof.operator,
+        chain_id=proof.chain_id,
+        nonce=proof.nonce,
+        issue_time=proof.issue_time,
+        expire_time=proof.expire_time,
     )
 
 

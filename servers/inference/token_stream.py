@@ -113,27 +113,21 @@ class TokenStreams:
         key = self.key(job)
         last_id = "0-0"
         # Replay what is there in bounded batches, then block for more.
-        while True:
-            raw = await self._redis.xrange(key, min=f"({last_id}" if last_id != "0-0" else "-", count=_REPLAY_BATCH)
-            entries = _entries(raw)
-            for entry_id, fields in entries:
-                last_id = entry_id
-                item = _parse(fields)
-                if isinstance(item, End):
-                    yield item
-                    return
-                if item.next_offset > from_offset:
-                    yield item
-            if len(entries) < _REPLAY_BATCH:
-                break
+        replaying = True
         # At most 2 s a block: redis-py 7 gives every read a 5 s socket timeout, blocking ones included.
         block_ms = min(2_000, max(1, int(tick_s * 1000)))
         while True:
-            answer: Any = await self._redis.xread({key: last_id}, block=block_ms, count=_REPLAY_BATCH)
-            if not answer:
-                yield None
-                continue
-            for entry_id, fields in _entries(answer[0][1]):
+            if replaying:
+                low = f"({last_id}" if last_id != "0-0" else "-"
+                entries = _entries(await self._redis.xrange(key, min=low, count=_REPLAY_BATCH))
+                replaying = len(entries) == _REPLAY_BATCH
+            else:
+                answer: Any = await self._redis.xread({key: last_id}, block=block_ms, count=_REPLAY_BATCH)
+                if not answer:
+                    yield None
+                    continue
+                entries = _entries(answer[0][1])
+            for entry_id, fields in entries:
                 last_id = entry_id
                 item = _parse(fields)
                 if isinstance(item, End):

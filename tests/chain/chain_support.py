@@ -14,7 +14,7 @@ from web3.contract.contract import ContractConstructor, ContractFunction
 from web3.exceptions import ContractCustomError
 from web3.types import TxReceipt
 
-from devstack.chain import Anvil, ChainError, load_artefact, transact
+from devstack.chain import Anvil, ChainError, Deployment, load_artefact, transact
 
 REVERTING_TX_GAS = 500_000
 SCHEDULED_TX_GAS = 1_000_000
@@ -154,3 +154,8 @@ class Clock:
         self.anvil.rpc("evm_increaseTime", seconds)
         self.anvil.rpc("evm_mine")
         return self.now()
+
+
+def chain_env(anvil: Anvil, deployment: Deployment) -> dict[str, str]:
+    """What a service reads to reach this session's anvil and contracts (ChainSettings.from_env)."""
+    return {"BSC_RPC_URL": anvil.url, "CHAIN_ID": str(anvil.chain_id), **deployment.env()}

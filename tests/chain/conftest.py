@@ -4,14 +4,15 @@ is reverted afterwards."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from devstack.chain import FAR, Anvil, Deployment, contract_at, deploy_platform, dev_account, start_anvil, transact
-from tests.chain.chain_support import Clock, Contracts
+from servers.common.chain import Chain, ChainSettings
+from tests.chain.chain_support import Clock, Contracts, chain_env
 
 REWARDS_DURATION = 7 * 24 * 3600
 SUPPLY = 1_000_000 * FAR
@@ -89,3 +90,13 @@ def _isolated(anvil: Anvil, contracts: Contracts) -> Iterator[None]:
 @pytest.fixture
 def clock(anvil: Anvil, w3: Web3) -> Clock:
     return Clock(anvil, w3)
+
+
+@pytest.fixture
+async def chain(anvil: Anvil, deployment: Deployment) -> AsyncIterator[Chain]:
+    """The platform's chain client (servers.common.chain) on this session's anvil and contracts."""
+    client = Chain(ChainSettings.from_env(chain_env(anvil, deployment)), backoff_s=0.01)
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -16,23 +16,11 @@ from devstack.chain import Anvil, Deployment, model_key
 from servers.common.chain import Chain, ChainSettings, ChainUnavailable, RevertReason, decode_revert
 from servers.common.config import ConfigError
 from servers.common.errors import Unavailable
+from tests.chain.chain_support import chain_env
 from tests.chain.conftest import FUNDING
 
 TOKEN = "0x5FbDB2315678afecb367f032d93F642f64180aa3"  # a checksummed address
 BAD_CHECKSUM = TOKEN.replace("F", "f", 1)
-
-
-def chain_env(anvil: Anvil, deployment: Deployment) -> dict[str, str]:
-    return {"BSC_RPC_URL": anvil.url, "CHAIN_ID": str(anvil.chain_id), **deployment.env()}
-
-
-@pytest.fixture
-async def chain(anvil: Anvil, deployment: Deployment) -> AsyncIterator[Chain]:
-    client = Chain(ChainSettings.from_env(chain_env(anvil, deployment)), backoff_s=0.01)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 def base_env() -> dict[str, str]:

@@ -12,9 +12,9 @@ from far.inference.v1 import job_pb2, quote_pb2
 from redis.asyncio import Redis
 from web3 import Web3
 
-from devstack.chain import Anvil, Deployment, job_key, model_key, transact
+from devstack.chain import job_key, model_key, transact
 from servers.common.auth import Principal
-from servers.common.chain import Chain, ChainSettings
+from servers.common.chain import Chain
 from servers.common.db import Database
 from servers.common.errors import DomainError
 from servers.inference import convert, jobs
@@ -27,16 +27,6 @@ from tests.chain.chain_support import Contracts
 MODEL = ModelSpec("paid-model", "Paid", "", context_length=2048, max_output_tokens=512)
 FREE = ModelSpec("free-model", "Free", "", context_length=1024, max_output_tokens=128, free=True)
 PRICE = 10**9
-
-
-@pytest.fixture
-async def chain(anvil: Anvil, deployment: Deployment) -> AsyncIterator[Chain]:
-    env = {"BSC_RPC_URL": anvil.url, "CHAIN_ID": str(anvil.chain_id), "CHAIN_CONFIRMATIONS": "1", **deployment.env()}
-    client = Chain(ChainSettings.from_env(env), backoff_s=0.01)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from far.inference.v1 import quote_pb2
 from redis.asyncio import Redis
 from web3 import Web3
 
-from devstack.chain import Anvil, Deployment, job_key, model_key, transact
+from devstack.chain import Deployment, job_key, model_key, transact
 from servers.common.chain import Chain, ChainSettings
 from servers.common.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from servers.common.payments import verify_payment
@@ -23,16 +23,6 @@ from tests.chain.chain_support import Contracts
 PAID = ModelSpec("paid-model", "Paid", "", context_length=2048, max_output_tokens=1024)
 FREE = ModelSpec("free-model", "Free", "", context_length=512, max_output_tokens=128, free=True)
 PRICE = 10**12
-
-
-@pytest.fixture
-async def chain(anvil: Anvil, deployment: Deployment) -> AsyncIterator[Chain]:
-    env = {"BSC_RPC_URL": anvil.url, "CHAIN_ID": str(anvil.chain_id), "CHAIN_CONFIRMATIONS": "1", **deployment.env()}
-    client = Chain(ChainSettings.from_env(env), backoff_s=0.01)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture

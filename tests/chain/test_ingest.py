@@ -25,13 +25,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from web3 import Web3
 
 from devstack.chain import FAR, Anvil, Deployment, job_key, model_key, transact
-from servers.common.chain import Chain, ChainSettings
+from servers.common.chain import Chain
 from servers.common.db import Database, async_url
 from servers.common.events import EventBus
 from servers.common.migrations import upgrade
 from servers.common.outbox import Outbox
 from servers.ingest.ingester import SCHEMA, Ingester, cursors, metadata, outbox, published_events
-from tests.chain.chain_support import Contracts
+from tests.chain.chain_support import Contracts, chain_env
 
 MODEL = model_key("smollm2-135m-instruct")
 PRICE = 10**12
@@ -91,19 +91,6 @@ async def database(ingest_database_url: str, bus: EventBus) -> AsyncIterator[Dat
         yield db
     finally:
         await db.close()
-
-
-def chain_env(anvil: Anvil, deployment: Deployment) -> dict[str, str]:
-    return {"BSC_RPC_URL": anvil.url, "CHAIN_ID": str(anvil.chain_id), **deployment.env()}
-
-
-@pytest.fixture
-async def chain(anvil: Anvil, deployment: Deployment) -> AsyncIterator[Chain]:
-    client = Chain(ChainSettings.from_env(chain_env(anvil, deployment)), backoff_s=0.01)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from web3.contract.contract import ContractFunction
 from web3.logs import DISCARD
 from web3.types import TxParams, TxReceipt
 
-from devstack.chain import Anvil, Deployment, contract_at, deploy, job_key, model_key, transact
-from servers.common.chain import Chain, ChainSettings
+from devstack.chain import Anvil, contract_at, deploy, job_key, model_key, transact
+from servers.common.chain import Chain
 from servers.common.db import Database
 from servers.common.errors import DomainError, to_rpc_status
 from servers.common.payments import (
@@ -42,16 +42,6 @@ AMOUNT = TOKENS * PRICE
 JOB = job_key("01jd5m0qv3paymenttest")
 SCHEMA = "payments_test"
 CONSUMPTIONS = payment_consumptions_table(MetaData(schema=SCHEMA))
-
-
-@pytest.fixture
-async def chain(anvil: Anvil, deployment: Deployment) -> AsyncIterator[Chain]:
-    env = {"BSC_RPC_URL": anvil.url, "CHAIN_ID": str(anvil.chain_id), **deployment.env()}
-    client = Chain(ChainSettings.from_env(env), backoff_s=0.01)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture
