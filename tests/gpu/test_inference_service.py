@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,7 +21,8 @@ from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
-from gpu.triton import CHAT_MODEL, TritonProcess
+from devstack.processes import free_port
+from gpu.triton import CHAT_MODEL, MODEL_REPOSITORY, TritonProcess
 from servers.common.config import Settings
 from servers.common.events import EventBus
 from servers.common.server import RunningServer, start_server
@@ -308,3 +311,54 @@ async def test_a_server_stop_ends_streams_with_an_interrupted_final(
     end.error.details[0].Unpack(info)
     assert info.reason == "STREAM_INTERRUPTED"
     assert end.next_offset == sum(r.delta.token_count for r in seen if r.HasField("delta"))
+
+
+async def _replica(triton: TritonProcess, service_env: dict[str, str], tmp_path: Path, nodes: str) -> RunningServer:
+    environ = {**server_environ(triton, service_env, tmp_path / "models.json"), "INFERENCE_STATIC_NODES": nodes}
+    return await start_server(make_spec(environ), Settings.from_env("inference", 0, environ=environ))
+
+
+async def test_a_node_that_fails_before_the_first_token_is_replaced(
+    triton: TritonProcess, service_env: dict[str, str], tmp_path: Path, caller: Callable[[str], Metadata]
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"  # listed first: the directory tries it first
+    replica = await _replica(
+        triton, service_env, tmp_path, f"{CHAT_MODEL}=dead@{dead},{CHAT_MODEL}=live@{triton.grpc_url}"
+    )
+    owner = wallet()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+            stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+            responses = [r async for r in stub.Generate(story(max_tokens=6), metadata=caller(owner))]
+            job = await stub.GetJob(pb.GetJobRequest(name=responses[0].job.name), metadata=caller(owner))
+    finally:
+        await replica.stop()
+    assert responses[-1].final.state == job_pb2.Job.STATE_SUCCEEDED
+    assert job.node == "nodes/live"
+
+
+async def test_a_node_lost_after_the_first_token_fails_the_job_and_says_so(
+    service_env: dict[str, str], tmp_path: Path, caller: Callable[[str], Metadata]
+) -> None:
+    doomed = TritonProcess.start(MODEL_REPOSITORY, tmp_path / "doomed", load_models=[CHAT_MODEL])
+    try:
+        replica = await _replica(doomed, service_env, tmp_path, f"{CHAT_MODEL}=doomed@{doomed.grpc_url}")
+        owner = wallet()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+                stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+                call = stub.Generate(story(max_tokens=180), metadata=caller(owner))
+                seen = [r async for r in _take(call, 2)]
+                os.kill(doomed.pid, signal.SIGKILL)
+                seen += [r async for r in call]
+        finally:
+            await replica.stop()
+    finally:
+        doomed.stop()
+    end = seen[-1].final
+    assert end.state == job_pb2.Job.STATE_FAILED
+    assert end.finish_reason == job_pb2.FINISH_REASON_ERROR
+    info = error_details_pb2.ErrorInfo()
+    end.error.details[0].Unpack(info)
+    assert info.reason == "NODE_FAILED"
+    assert "after the first token" in end.error.message
