@@ -46,8 +46,10 @@ class Principal:
 
     @property
     def is_authenticated(self) -> bool:
-        """A signed-in account (a wallet); partner and service identities are not accounts."""
-        return bool(self.subject) and not self.partner and not self.service
+        """A signed-in account: a wallet with a verified access token (its `jti` is the token id). A partner
+        relaying an account's token is that account (and keeps `partner`); a partner or service identity alone,
+        or a service's own credential (a node agent token), is not an account."""
+        return bool(self.subject) and not self.service and (not self.partner or bool(self.token_id))
 
     @property
     def is_admin(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -253,18 +254,22 @@ class AuthInterceptor(AroundInterceptor):
             await abort_with_error(context, error, self._domain)
 
     async def _partner(self, partner: Principal, token: str | None) -> Principal:
-        """The partner whose certificate the edge verified; a service credential of the same partner kind that
-        comes with it (a node agent's token names the node) is the more specific caller. Account tokens are
-        not consulted: the certificate is the partner's credential."""
+        """The partner whose certificate the edge verified. A service credential of the same partner kind that
+        comes with it (a node agent's token names the node) is the more specific caller; an account's access
+        token makes the call the account's, relayed by the partner (the principal keeps `partner`, so the
+        partner's own methods stay open to it)."""
+        if token is None:
+            return partner
         for authenticator in self._authenticators:
-            if token is not None and authenticator.accepts(token):
+            if authenticator.accepts(token):
                 specific = await authenticator.authenticate(token)
                 if specific.partner != partner.partner:
                     raise Unauthenticated(
                         f"the bearer credential is not a {partner.partner} credential", reason="PEER_NOT_ALLOWED"
                     )
                 return specific
-        return partner
+        account = await self._bearer(token)
+        return replace(account, partner=partner.partner)
 
     async def _bearer(self, token: str) -> Principal:
         for authenticator in self._authenticators:

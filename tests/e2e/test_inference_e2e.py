@@ -357,3 +357,24 @@ def test_another_accounts_job_is_not_found(stack: Stack, customers: list[Custome
         assert refused.status_code == 404, (path, refused.text)
     listed = httpx.get(f"{stack.envoy_http_url}/v1/jobs", headers=stranger.headers, timeout=10).json()
     assert name not in [job["name"] for job in listed.get("jobs", [])]
+
+
+def test_grpc_over_the_partner_mtls_listener(stack: Stack, customers: list[Customer]) -> None:
+    # A partner backend (the dev game server's certificate) relays its user's access token: the call is the
+    # user's, and the stream is the same as everywhere else.
+    customer = customers[2]
+    body = customer.paid_body()
+    request = pb.GenerateRequest(model=MODEL, max_tokens=body["maxTokens"])
+    request.chat.messages.add(role=job_pb2.ChatMessage.ROLE_USER, content="Tell me about cats.")
+    request.payment.quote = body["payment"]["quote"]
+    request.payment.transaction.chain_id = 97
+    request.payment.transaction.tx_hash = body["payment"]["transaction"]["txHash"]
+    credentials = stack.client_credentials("partner", "game-server")
+    with grpc.secure_channel(stack.envoy_partner_target, credentials) as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        responses = list(stub.Generate(request, metadata=tuple(customer.headers.items()), timeout=60))
+        with pytest.raises(grpc.RpcError) as caught:  # without the user's token the partner is not an account
+            list(stub.Generate(request, timeout=60))
+    assert responses[0].job.owner == customer.wallet
+    assert responses[-1].final.state == job_pb2.Job.STATE_SUCCEEDED
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED

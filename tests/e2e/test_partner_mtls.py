@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -113,12 +114,20 @@ def tls_failures(edge: Stack) -> dict[str, int]:
     return counts
 
 
+def counted(edge: Stack, counter: str, expected: int, timeout: float = 5.0) -> int:
+    """The counter once it reaches `expected` (Envoy may update it a moment after the client saw the failure)."""
+    deadline = time.monotonic() + timeout
+    while (value := tls_failures(edge).get(counter, 0)) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
 def handshake_refused(edge: Stack, creds: Any, counter: str) -> grpc.RpcError:
     """The call fails at the handshake (UNAVAILABLE) and Envoy counts it under `counter`."""
     before = tls_failures(edge).get(counter, 0)
     error = refused(lambda: submit(edge.envoy_partner_target, creds))
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error
-    assert tls_failures(edge).get(counter, 0) == before + 1
+    assert counted(edge, counter, before + 1) == before + 1
     return error
 
 
@@ -252,4 +261,4 @@ class TestBufCurl:
         result = buf_curl(edge, pki, "far.gamed.v1.GamedService/ListGames", {}, identity=None)
         assert result.returncode != 0
         assert result.stdout == ""
-        assert tls_failures(edge).get("fail_verify_no_cert", 0) == before + 1
+        assert counted(edge, "fail_verify_no_cert", before + 1) == before + 1

@@ -290,9 +290,16 @@ class TestMtlsServer:
         await expect_error(
             edge("WhoAmI", (forwarded(), token)), grpc.StatusCode.UNAUTHENTICATED, "PEER_NOT_ALLOWED", domain=DOMAIN
         )
-        # An account's token does not turn a partner's call into the account's.
-        reply = await edge("Score", (forwarded(), bearer(make_token, "admin")))
-        assert reply == f"partner=game-server;service=;subject={GAME_SERVER}"
+        # A partner relaying an account's token acts for the account and stays the partner: its own methods
+        # (Score) still admit it, and the account is who the service sees.
+        reply = await edge("Score", (forwarded(), bearer(make_token)))
+        assert reply == f"partner=game-server;service=;subject={wallet(7)}"
+        await expect_error(
+            edge("Score", (forwarded(), ("authorization", "Bearer not-a-jwt"))),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "TOKEN_INVALID",
+            domain=DOMAIN,
+        )
 
     async def test_the_edge_forwarding_a_non_partner_is_refused(self, call_as: Callable[[str, str], Call]) -> None:
         edge = call_as("edge", "envoy")
