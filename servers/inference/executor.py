@@ -20,7 +20,15 @@ from opentelemetry import propagate, trace
 from tritonclient.grpc.aio import InferenceServerClient
 
 from servers.inference.nodes import NodeDirectory, NodeInfo
-from servers.inference.triton_stream import Finish, Generation, NodeError, Piece, stream_generation
+from servers.inference.triton_stream import (
+    Accepted,
+    Finish,
+    Generation,
+    NodeError,
+    Piece,
+    PromptTooLong,
+    stream_generation,
+)
 
 log = structlog.get_logger("far.inference.executor")
 _tracer = trace.get_tracer("far.inference")
@@ -91,6 +99,7 @@ async def execute(
     job_id: str,
     on_piece: Callable[[Piece], None],
     on_node: Callable[[NodeInfo], None] | None = None,
+    on_accepted: Callable[[int], None] | None = None,
     max_attempts: int = 3,
 ) -> Outcome:
     """Run `generation` on the least loaded node serving `model` (the Triton model name)."""
@@ -112,6 +121,11 @@ async def execute(
             async for item in stream_generation(
                 clients.get(node), model, generation, request_id=job_id, headers=headers
             ):
+                if isinstance(item, Accepted):
+                    outcome.prompt_tokens = item.prompt_tokens
+                    if on_accepted is not None:
+                        on_accepted(item.prompt_tokens)
+                    continue
                 if isinstance(item, Finish):
                     outcome.prompt_tokens = item.prompt_tokens
                     outcome.completion_tokens = item.completion_tokens
@@ -132,6 +146,8 @@ async def execute(
                 outcome.completion_tokens = item.offset + item.token_count
                 on_piece(item)
             return _failed("NODE_FAILED", "the node ended the stream early", outcome)
+        except PromptTooLong as error:  # the caller's doing, not the node's: no other node would take it
+            return _failed("PROMPT_TOO_LONG", f"the prompt is too long: {error}", outcome, code_pb2.INVALID_ARGUMENT)
         except NodeError as error:
             if outcome.first_token_at is not None:
                 log.warning("node failed mid-stream", job=job_id, node=node.name, error=str(error))

@@ -51,7 +51,9 @@ async def resolve(
     and PAYMENT_MISMATCH (`field` chain_id) for a payment named on another chain than the quote's.
     """
     if not spec.paid:
-        return spec, None
+        # A free job may use the context that its max_tokens leaves.
+        room = spec.model.context_length - spec.generation.max_tokens
+        return replace(spec, generation=replace(spec.generation, max_prompt_tokens=room)), None
     quote = await quotes.get(owner, spec.quote, field=f"{prefix}payment.quote")
     if quote.model != spec.model.name:
         raise InvalidArgument(
@@ -76,7 +78,8 @@ async def resolve(
     job = job_pb2.Job()
     job.CopyFrom(spec.job)
     job.max_tokens = max_tokens
-    return replace(spec, job=job, generation=replace(spec.generation, max_tokens=max_tokens)), quote
+    generation = replace(spec.generation, max_tokens=max_tokens, max_prompt_tokens=quote.max_prompt_tokens)
+    return replace(spec, job=job, generation=generation), quote
 
 
 async def pay(chain: Chain | None, owner: str, spec: JobSpec, quote: quote_pb2.Quote | None) -> Paid | None:
@@ -142,6 +145,7 @@ async def create(
         streamed=streamed,
         input=job_input(spec.job),
         max_tokens=spec.job.max_tokens,
+        max_prompt_tokens=spec.generation.max_prompt_tokens,
         state=job_pb2.Job.STATE_QUEUED,
         node="",
         prompt_tokens=0,

@@ -46,6 +46,8 @@ class JobRow(Base):
     """Created by Generate (cancelled when its caller goes away and nobody follows) rather than CreateJob."""
     input: Mapped[bytes] = mapped_column(LargeBinary)
     max_tokens: Mapped[int] = mapped_column(Integer)
+    max_prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    """The most prompt tokens the job may use (its quote's, or what the context leaves for a free job)."""
     state: Mapped[int] = mapped_column(SmallInteger)
     node: Mapped[str] = mapped_column(Text, default="")
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)

@@ -14,14 +14,15 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import structlog
 from far.inference.v1 import inference_service_pb2, job_pb2
-from google.rpc import code_pb2
+from google.rpc import code_pb2, error_details_pb2
 
 from servers.common.db import Database
+from servers.common.errors import DomainError, FailedPrecondition, InvalidArgument, Unavailable
 from servers.inference import convert, metrics, repository
 from servers.inference.admission import Admission
 from servers.inference.catalog import ModelSpec
@@ -126,17 +127,19 @@ class Runner:
         listener: Listener | None = None,
         *,
         gate: asyncio.Future[None] | None = None,
+        accepted: asyncio.Future[int] | None = None,
     ) -> None:
         """Run the job in a task (a slot must be reserved for it).
 
         With a `gate`, generation starts now but nothing is written or delivered until the gate is set: the
         caller creates the job (payment, row) meanwhile. A gate set with an exception cancels the generation
-        and leaves no trace (the job does not exist).
+        and leaves no trace (the job does not exist). `accepted` resolves with the prompt's token count once the
+        model took the prompt, or fails with the domain error that stopped it first (PROMPT_TOO_LONG, no node).
         """
         running = _Running(listeners=[listener] if listener is not None else [])
         self._running[job_id] = running
         running.task = asyncio.create_task(
-            self._run(job_id, owner, model, generation, running, gate), name=f"job:{job_id}"
+            self._run(job_id, owner, model, generation, running, gate, accepted), name=f"job:{job_id}"
         )
 
     def cancel(self, job_id: str, reason: str = "JOB_CANCELLED") -> asyncio.Task[None] | None:
@@ -175,7 +178,8 @@ class Runner:
             if row is None or row.state != job_pb2.Job.STATE_QUEUED:
                 slots.give()
                 continue
-            self.start(ticket.job, row.owner, model, generation_from(job_pb2.Job.FromString(row.input)))
+            generation = generation_from(job_pb2.Job.FromString(row.input))
+            self.start(ticket.job, row.owner, model, replace(generation, max_prompt_tokens=row.max_prompt_tokens))
 
     async def _queued_row(self, job_id: str, *, wait_s: float = 5.0) -> JobRow | None:
         """The job's row. A job is queued just before the transaction that inserts it commits, so a
@@ -196,6 +200,7 @@ class Runner:
         generation: Generation,
         running: _Running,
         gate: asyncio.Future[None] | None,
+        accepted: asyncio.Future[int] | None = None,
     ) -> None:
         writer: TokenWriter | None = None
         held: list[Piece] = []  # pieces that came before the gate opened
@@ -217,15 +222,31 @@ class Runner:
                 first_token_wall = last_token_wall
             outcome.text.append(piece.text)
             outcome.completion_tokens = piece.offset + piece.token_count
+            if accepted is not None and not accepted.done():  # a model that does not announce acceptance
+                accepted.set_result(0)
             if writer is None:
                 held.append(piece)
             else:
                 deliver(piece)
 
+        def accept(prompt_tokens: int) -> None:
+            if accepted is not None and not accepted.done():
+                accepted.set_result(prompt_tokens)
+
         generating = asyncio.create_task(
-            execute(self._directory, self._clients, model.served_as, generation, job_id=job_id, on_piece=on_piece),
+            execute(
+                self._directory,
+                self._clients,
+                model.served_as,
+                generation,
+                job_id=job_id,
+                on_piece=on_piece,
+                on_accepted=accept,
+            ),
             name=f"generate:{job_id}",
         )
+        if accepted is not None:
+            generating.add_done_callback(lambda done: _settle(accepted, done))
         try:
             if gate is not None:
                 try:
@@ -327,3 +348,32 @@ class Runner:
             self._slots[model.id].give()
             with contextlib.suppress(Exception):
                 await self._admission.release(job_id, owner)
+
+
+def _settle(accepted: asyncio.Future[int], done: asyncio.Task[Outcome]) -> None:
+    """The generation ended before the model took the prompt: the reason becomes the caller's error."""
+    if accepted.done():
+        return
+    if done.cancelled():
+        accepted.cancel()
+        return
+    error = done.exception()
+    if error is not None:
+        accepted.set_exception(error)
+        return
+    outcome = done.result()
+    if outcome.error is None:
+        accepted.set_result(outcome.prompt_tokens)
+        return
+    info = error_details_pb2.ErrorInfo()
+    reason = "NODE_FAILED"
+    if outcome.error.details and outcome.error.details[0].Unpack(info):
+        reason = info.reason
+    problem: DomainError
+    if reason == "PROMPT_TOO_LONG":
+        problem = InvalidArgument(outcome.error.message, reason=reason)
+    elif reason == "MODEL_UNAVAILABLE":
+        problem = FailedPrecondition(outcome.error.message, reason=reason)
+    else:
+        problem = Unavailable(outcome.error.message, reason=reason)
+    accepted.set_exception(problem)

@@ -223,10 +223,17 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             # The fast path: the model starts its prefill now, while the payment is verified and the job is
             # admitted and recorded; its pieces are held until that is done (none reaches the caller unpaid).
             queue: asyncio.Queue[Piece | pb.GenerateEnd | streams.Interrupt] = asyncio.Queue()
-            gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._p.runner.start(job_id, principal.subject, model, spec.generation, queue.put_nowait, gate=gate)
+            loop = asyncio.get_running_loop()
+            gate: asyncio.Future[None] = loop.create_future()
+            accepted: asyncio.Future[int] = loop.create_future()
+            self._p.runner.start(
+                job_id, principal.subject, model, spec.generation, queue.put_nowait, gate=gate, accepted=accepted
+            )
             try:
                 paid = await jobs.pay(self._p.chain, principal.subject, spec, quote)
+                # The model has tokenized the prompt by now (or does so within ms): a prompt longer than what
+                # was paid for ends the call here, before the payment is consumed.
+                await accepted
                 ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject, queued=False)
                 message, created = await self._create(principal, spec, paid, ticket, streamed=True)
                 if not created:

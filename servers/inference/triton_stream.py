@@ -36,6 +36,9 @@ class Generation:
     top_p: float | None = None
     stop: Sequence[str] = field(default_factory=tuple)
     seed: int | None = None
+    max_prompt_tokens: int | None = None
+    """The most prompt tokens the caller paid for: the model refuses longer prompts (`PROMPT_TOO_LONG`) and,
+    when this is set, first answers with an `Accepted` (the prompt's length) before its prefill."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +59,19 @@ class Finish:
     completion_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The model took the prompt (within `max_prompt_tokens`) and starts its prefill."""
+
+    prompt_tokens: int
+
+
 class NodeError(Exception):
     """The node failed the request: a transport failure or an error response from Triton."""
+
+
+class PromptTooLong(Exception):
+    """The model refused the prompt: more tokens than `max_prompt_tokens`. Not a node failure."""
 
 
 def _bytes_input(name: str, values: Sequence[str]) -> InferInput:
@@ -90,6 +104,8 @@ def build_inputs(generation: Generation) -> list[InferInput]:
         inputs.append(_bytes_input("stop", list(generation.stop)))
     if generation.seed is not None:
         inputs.append(_scalar_input("seed", generation.seed, "INT64", np.int64))
+    if generation.max_prompt_tokens is not None:
+        inputs.append(_scalar_input("max_prompt_tokens", generation.max_prompt_tokens, "INT32", np.int32))
     return inputs
 
 
@@ -113,8 +129,9 @@ async def stream_generation(
     *,
     request_id: str = "",
     headers: dict[str, str] | None = None,
-) -> AsyncIterator[Piece | Finish]:
-    """Pieces as Triton streams them, then one Finish; NodeError if the node fails."""
+) -> AsyncIterator[Accepted | Piece | Finish]:
+    """Pieces as Triton streams them, then one Finish (after an Accepted first when `max_prompt_tokens` is set);
+    PromptTooLong if the model refuses the prompt, NodeError if the node fails."""
     request = {
         "model_name": model,
         "inputs": build_inputs(generation),
@@ -132,17 +149,25 @@ async def stream_generation(
     try:
         async for result, error in responses:
             if error is not None:
+                if "PROMPT_TOO_LONG" in str(error):
+                    raise PromptTooLong(str(error).split("PROMPT_TOO_LONG: ", 1)[-1])
                 raise NodeError(str(error))
             if result is None:
                 continue
-            held += _text(_first(result, "text"))
+            text = _text(_first(result, "text"))
             completion = _first(result, "completion_tokens")
+            reason_now = _text(_first(result, "finish_reason"))
+            if not text and not reason_now and completion is not None and int(completion) == 0:
+                prompt = _first(result, "prompt_tokens")
+                yield Accepted(int(prompt) if prompt is not None else 0)
+                continue
+            held += text
             completion_tokens = max(int(completion), seen) if completion is not None else seen
             if completion_tokens > seen:
                 # A piece covers at least one token; text that came without a new token waits for the next.
                 yield Piece(held, seen, completion_tokens - seen)
                 held, seen = "", completion_tokens
-            reason = _text(_first(result, "finish_reason"))
+            reason = reason_now
             if reason:
                 if held:
                     # Text released at the end without a new token (e.g. held back as a possible stop

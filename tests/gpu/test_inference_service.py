@@ -362,3 +362,29 @@ async def test_a_node_lost_after_the_first_token_fails_the_job_and_says_so(
     end.error.details[0].Unpack(info)
     assert info.reason == "NODE_FAILED"
     assert "after the first token" in end.error.message
+
+
+async def test_a_prompt_longer_than_allowed_is_refused_before_anything_runs(
+    triton: TritonProcess, service_env: dict[str, str], tmp_path: Path, caller: Callable[[str], Metadata]
+) -> None:
+    # A catalog context of 24 tokens and 8 to generate: a free job's prompt may have 16 tokens.
+    catalog = tmp_path / "small.json"
+    environ = {**server_environ(triton, service_env, tmp_path / "models.json"), "INFERENCE_MODELS_FILE": str(catalog)}
+    catalog.write_text(json.dumps([{"id": CHAT_MODEL, "context_length": 24, "max_output_tokens": 8, "free": True}]))
+    replica = await start_server(make_spec(environ), Settings.from_env("inference", 0, environ=environ))
+    owner = wallet()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+            stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+            long = pb.GenerateRequest(model=MODEL, max_tokens=8, prompt="word " * 40)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                _ = [r async for r in stub.Generate(long, metadata=caller(owner))]
+            short = pb.GenerateRequest(model=MODEL, max_tokens=8, prompt="Count: 1, 2, 3,")
+            fine = [r async for r in stub.Generate(short, metadata=caller(owner))]
+            listed = await stub.ListJobs(pb.ListJobsRequest(), metadata=caller(owner))
+    finally:
+        await replica.stop()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rich_error(caught.value).reason == "PROMPT_TOO_LONG"
+    assert fine[-1].final.state == job_pb2.Job.STATE_SUCCEEDED
+    assert [job.name for job in listed.jobs] == [fine[0].job.name]  # the refused call left no job

@@ -181,3 +181,27 @@ class TestSettings:
     def test_a_bad_setting_fails_the_model_load_with_the_reason(self, tmp_path: Path) -> None:
         with pytest.raises(ProcessDied, match="threads must be a positive integer"):
             TritonProcess.start(MODEL_REPOSITORY, tmp_path, load_models=[CHAT_MODEL], env={"FAR_LLAMA_THREADS": "0"})
+
+
+class TestPromptLimit:
+    """`max_prompt_tokens`: what the caller paid for. Within it the model says so before its prefill; past it,
+    it refuses with PROMPT_TOO_LONG and generates nothing."""
+
+    async def test_a_prompt_within_the_limit_is_accepted_first(self, triton: TritonProcess) -> None:
+        responses = await generate(triton.grpc_url, prompt=COUNTING, max_tokens=4, temperature=0, max_prompt_tokens=64)
+
+        accepted, *rest = responses
+        assert (accepted.text, accepted.completion_tokens, accepted.final, accepted.error) == ("", 0, False, "")
+        assert accepted.prompt_tokens > 0
+        last = assert_well_formed(rest)
+        assert last.prompt_tokens == accepted.prompt_tokens
+        assert last.completion_tokens == 4
+
+    async def test_a_longer_prompt_is_refused_before_generating(self, triton: TritonProcess) -> None:
+        before = metric(triton.metrics_url, "far_llm_completion_tokens_total")
+        responses = await generate(triton.grpc_url, prompt=COUNTING, max_tokens=4, max_prompt_tokens=3)
+
+        assert len(responses) == 1
+        assert responses[0].error
+        assert "PROMPT_TOO_LONG" in responses[0].error
+        assert metric(triton.metrics_url, "far_llm_completion_tokens_total") == before

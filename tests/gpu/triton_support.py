@@ -46,6 +46,7 @@ def chat_inputs(
     top_p: float | None = None,
     stop: Sequence[str] = (),
     seed: int | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> list[InferInput]:
     """The model's inputs; those left at None are not sent (the model's defaults apply)."""
     inputs = []
@@ -63,6 +64,8 @@ def chat_inputs(
         inputs.append(tensor("stop", "BYTES", [s.encode() for s in stop]))
     if seed is not None:
         inputs.append(tensor("seed", "INT64", [seed]))
+    if max_prompt_tokens is not None:
+        inputs.append(tensor("max_prompt_tokens", "INT32", [max_prompt_tokens]))
     return inputs
 
 

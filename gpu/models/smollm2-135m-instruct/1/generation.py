@@ -30,6 +30,10 @@ MAX_STOP_CHARS = 256
 ROLES = ("system", "user", "assistant")
 
 
+class PromptTooLong(ValueError):
+    """The prompt has more tokens than the request allows (`max_prompt_tokens`: what its caller paid for)."""
+
+
 class BadRequest(ValueError):
     """The request cannot be served as asked; the message says why, for the caller."""
 
@@ -97,6 +101,7 @@ class Completion:
     top_p: float
     stop: tuple[str, ...]
     seed: int
+    max_prompt_tokens: int | None = None
 
     @classmethod
     def parse(
@@ -110,6 +115,7 @@ class Completion:
         stop: list[str],
         seed: int | None,
         context: int,
+        max_prompt_tokens: int | None = None,
     ) -> Completion:
         """Validate the decoded inputs; raises BadRequest naming the input at fault."""
         if (prompt is None) == (messages is None):
@@ -130,6 +136,8 @@ class Completion:
             raise BadRequest(f"at most {MAX_STOP_SEQUENCES} 'stop' sequences, got {len(stop)}")
         if any(not s or len(s) > MAX_STOP_CHARS for s in stop):
             raise BadRequest(f"each 'stop' sequence must have 1 to {MAX_STOP_CHARS} characters")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise BadRequest(f"'max_prompt_tokens' must be 1 or more, got {max_prompt_tokens}")
         return cls(
             prompt=prompt,
             messages=chat,
@@ -139,6 +147,7 @@ class Completion:
             stop=tuple(stop),
             # llama.cpp takes a 32-bit seed; without one, each request draws its own.
             seed=(seed if seed is not None else random.getrandbits(32)) % 2**32,
+            max_prompt_tokens=max_prompt_tokens,
         )
 
 
@@ -254,6 +263,10 @@ def prompt_tokens(llama: Llama, completion: Completion, chat_format: Jinja2ChatF
         tokens = llama.tokenize((completion.prompt or "").encode(), add_bos=True, special=False)
     if len(tokens) >= context:
         raise BadRequest(f"the prompt is {len(tokens)} tokens; the context holds {context}")
+    if completion.max_prompt_tokens is not None and len(tokens) > completion.max_prompt_tokens:
+        raise PromptTooLong(
+            f"PROMPT_TOO_LONG: the prompt is {len(tokens)} tokens, more than the {completion.max_prompt_tokens} allowed"
+        )
     return tokens
 
 

@@ -14,7 +14,17 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from generation import BadRequest, Completion, Piece, Settings, Slots, model_file, prompt_tokens, stream
+from generation import (
+    BadRequest,
+    Completion,
+    Piece,
+    PromptTooLong,
+    Settings,
+    Slots,
+    model_file,
+    prompt_tokens,
+    stream,
+)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
@@ -93,9 +103,13 @@ class TritonPythonModel:
         try:
             try:
                 tokens = prompt_tokens(llama, completion, self.slots.chat_format, self.settings.context)
-            except BadRequest as exc:
+            except (BadRequest, PromptTooLong) as exc:
                 sender.send(_error(str(exc)), flags=FINAL)
                 return
+            if completion.max_prompt_tokens is not None:
+                # The prompt is within what the caller paid for: say so (and how long it is) before the
+                # prefill, so the platform can record the job while the model computes.
+                sender.send(_response(Piece("", "", len(tokens), 0)))
             for piece in stream(llama, completion, tokens, self.settings.context, stopped):
                 last = piece
                 if piece.finish_reason:
@@ -169,6 +183,7 @@ def _completion(request: Any, context: int) -> Completion:
         prompt=_text(request, "prompt"),
         messages=_text(request, "messages"),
         max_tokens=_number(request, "max_tokens", int),
+        max_prompt_tokens=_number(request, "max_prompt_tokens", int),
         temperature=_number(request, "temperature", float),
         top_p=_number(request, "top_p", float),
         stop=[_decode("stop", value) for value in _values(request, "stop")],
