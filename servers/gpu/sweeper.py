@@ -7,30 +7,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 
 import structlog
 from redis.asyncio import Redis
 
 from servers.common.db import Database
+from servers.common.lease import Lease
 from servers.gpu import convert
 from servers.gpu.history import History
 from servers.gpu.registry import NODES_TOPIC, Registry
 
 log = structlog.get_logger("far.gpu.sweeper")
 PRUNE_EVERY_S = 3600.0
-
-# Take the lease when it is free, extend it when it is ours.
-_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-if holder then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
 
 
 class LivenessSweeper:
@@ -48,8 +36,7 @@ class LivenessSweeper:
         self._registry = registry
         self._history = history
         self._redis = redis
-        self._key = f"{key_prefix}gpu:sweeper"
-        self._me = uuid.uuid4().hex
+        self._lease = Lease(redis, f"{key_prefix}gpu:sweeper", ttl_ms=int(interval_s * 3000))
         self._interval_s = interval_s
         self._pruned_at = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -62,13 +49,10 @@ class LivenessSweeper:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(Exception):
-            if await self._redis.get(self._key) == self._me.encode():
-                await self._redis.delete(self._key)
+        await self._lease.release()
 
     async def _leading(self) -> bool:
-        lease_ms = int(self._interval_s * 3000)
-        return bool(await self._redis.eval(_LEASE, 1, self._key, self._me, lease_ms))
+        return await self._lease.held()
 
     async def sweep_once(self) -> int:
         """One pass; returns how many nodes changed."""
