@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from google.api import annotations_pb2
-from google.protobuf import descriptor_pb2
+from google.protobuf import any_pb2, descriptor_pb2, json_format
+from google.rpc import error_details_pb2, status_pb2
 
 from devstack import catalog
 from devstack.catalog import RouteRateLimit, Service
@@ -38,6 +39,7 @@ OPENAPI_PATH = "/openapi.json"
 # Envoy's cap on a direct response body (4 KiB unless raised); the OpenAPI document must fit.
 MAX_DIRECT_RESPONSE_BYTES = 8 * 1024 * 1024
 UNIMPLEMENTED = 12
+SERVICE_NOT_IMPLEMENTED = "SERVICE_NOT_IMPLEMENTED"
 _TYPES = "type.googleapis.com/envoy.extensions"
 
 
@@ -439,6 +441,25 @@ def buffer_filter(ctx: RenderContext) -> list[Json]:
     return [{"name": BUFFER_FILTER, "typed_config": config}]
 
 
+REQUEST_METADATA = "far.edge"
+REQUEST_CONTENT_TYPE_KEY = "request_content_type"
+
+
+def request_content_type_filter(ctx: RenderContext) -> list[Json]:
+    """Keeps the caller's own content type in dynamic metadata: the grpc_web filter rewrites it to
+    `application/grpc`, and Envoy's own replies to gRPC-Web callers are told apart by it (`grpc_web_mappers`)."""
+    rule = {
+        "header": "content-type",
+        "on_header_present": {
+            "metadata_namespace": REQUEST_METADATA,
+            "key": REQUEST_CONTENT_TYPE_KEY,
+            "type": "STRING",
+        },
+    }
+    config = _typed("filters.http.header_to_metadata.v3.Config", request_rules=[rule])
+    return [{"name": "envoy.filters.http.header_to_metadata", "typed_config": config}]
+
+
 def grpc_web_filter(ctx: RenderContext) -> list[Json]:
     return [{"name": "envoy.filters.http.grpc_web", "typed_config": _typed("filters.http.grpc_web.v3.GrpcWeb")}]
 
@@ -494,10 +515,12 @@ def router_filter(ctx: RenderContext) -> list[Json]:
 
 
 HttpFilterFn = Callable[[RenderContext], list[Json]]
-# CORS first (preflights); then gRPC-Web, so every later local reply (429, jwt_authn's 401) reaches a
-# gRPC-Web caller as gRPC-Web; jwt_authn and the body cap before the transcoder rewrites REST paths.
+# CORS first (preflights); then gRPC-Web (its request content type noted first), so every later local
+# reply (429, jwt_authn's 401) reaches a gRPC-Web caller as gRPC-Web; jwt_authn and the body cap before the
+# transcoder rewrites REST paths.
 WEB_HTTP_FILTERS: tuple[HttpFilterFn, ...] = (
     cors_filter,
+    request_content_type_filter,
     grpc_web_filter,
     local_ratelimit_filter,
     jwt_authn_filter,
@@ -541,20 +564,35 @@ def _grpc_route(service: Service, ctx: RenderContext) -> list[Json]:
     ]
 
 
+def unimplemented_status(service: Service) -> status_pb2.Status:
+    """The `google.rpc.Status` of a call to a service without a server: UNIMPLEMENTED with an ErrorInfo
+    in the edge's domain naming the service, like every other error of the platform."""
+    info = error_details_pb2.ErrorInfo(
+        reason=SERVICE_NOT_IMPLEMENTED, domain=EDGE_ERROR_DOMAIN, metadata={"service": service.service_name}
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    message = f"{service.service_name} is not running on this deployment"
+    return status_pb2.Status(code=UNIMPLEMENTED, message=message, details=[detail])
+
+
 def _unimplemented_routes(service: Service, ctx: RenderContext) -> list[Json]:
     """Answer for a service that has no server yet, in the caller's protocol.
 
     gRPC and gRPC-Web callers (and JSON callers after transcoding, whose request then carries
-    `application/grpc`) get a trailers-only reply with grpc-status 12, which the transcoder turns
-    into a JSON `google.rpc.Status` (HTTP 501). Anything else on the prefix gets that JSON directly.
+    `application/grpc`) get a trailers-only reply with grpc-status 12 and the whole `google.rpc.Status`
+    in `grpc-status-details-bin`, which the transcoder turns into the JSON `google.rpc.Status` (HTTP 501)
+    with its ErrorInfo. Anything else on the prefix gets that JSON directly.
     """
-    message = f"{service.service_name} is not running on this deployment"
+    status = unimplemented_status(service)
     grpc_headers = {
         "content-type": "application/grpc",
-        "grpc-status": str(UNIMPLEMENTED),
-        "grpc-message": message,
+        "grpc-status": str(status.code),
+        "grpc-message": status.message,
+        # Binary gRPC metadata is base64; gRPC itself sends it unpadded. Base64 holds no `%` (a format command).
+        "grpc-status-details-bin": base64.b64encode(status.SerializeToString()).decode().rstrip("="),
     }
-    body = json.dumps({"code": UNIMPLEMENTED, "message": message, "details": []})
+    body = json.dumps(json_format.MessageToDict(status))
     return [
         {
             "name": f"{service.name}-unimplemented-grpc",
@@ -608,6 +646,89 @@ def _rest_routes(service: Service, ctx: RenderContext) -> list[Json]:
     return routes
 
 
+@dataclass(frozen=True)
+class RestPath:
+    """A REST path template as the transcoder matches it: `/`-separated segments (`*`, `**` or a literal;
+    variables expanded to their pattern) and the custom verb after the last segment's `:`."""
+
+    segments: tuple[str, ...]
+    verb: str
+
+    @classmethod
+    def parse(cls, template: str) -> RestPath:
+        expanded = re.sub(r"\{[^}=]+=([^}]*)\}", r"\1", template)
+        expanded = re.sub(r"\{[^}]*\}", "*", expanded)
+        head, _, last = expanded.rpartition("/")
+        last, _, verb = last.partition(":")
+        return cls(tuple(f"{head}/{last}".strip("/").split("/")), verb)
+
+    def __str__(self) -> str:
+        return "/" + "/".join(self.segments) + (f":{self.verb}" if self.verb else "")
+
+    def overlaps(self, other: RestPath) -> bool:
+        """Whether one request path could match both (erring towards yes where a `**` is involved)."""
+        if self.verb != other.verb:
+            return False
+        if "**" not in self.segments + other.segments and len(self.segments) != len(other.segments):
+            return False
+        # A `**` takes any number of segments: only the segments before it are compared.
+        pairs = zip(self.segments, other.segments, strict=False)
+        return all(a == b or "*" in (a, b) or "**" in (a, b) for a, b in pairs)
+
+    def regex(self) -> str:
+        """RE2 over the whole path; a trailing slash allowed. A `*` in the last segment takes no `:`: the
+        transcoder reads what follows one as a custom verb."""
+        pieces = {"**": ".*", "*": "[^/]+"}
+        parts = [pieces.get(seg) or re.escape(seg) for seg in self.segments]
+        if self.segments[-1] == "*":
+            parts[-1] = "[^/:]+"
+        verb = re.escape(f":{self.verb}") if self.verb else ""
+        return "/" + "/".join(parts) + verb + "/?"
+
+
+# Never refused with 405: CORS preflights must reach the routes that carry the policy.
+_ALWAYS_ROUTED_METHODS = ("OPTIONS",)
+
+
+def method_not_allowed_routes(ctx: RenderContext) -> list[Json]:
+    """HTTP 405 with an `Allow` header for a REST path called with a method none of its bindings has.
+
+    Without these the transcoder answers 404 "Could not resolve". One route per path template, matching the
+    methods that no overlapping template allows; it switches the transcoder off (which would answer first)
+    and is answered by Envoy, so the local reply mapper makes it the JSON `google.rpc.Status`.
+    """
+    transcoded = set(ctx.transcoded())
+    methods: dict[RestPath, set[str]] = {}
+    for binding in ctx.bindings:
+        if binding.http_method and binding.grpc_path.split("/")[1] in transcoded:
+            methods.setdefault(RestPath.parse(binding.template), set()).add(binding.http_method)
+    routes: list[Json] = []
+    for path in methods:
+        allowed = sorted(set().union(*(m for other, m in methods.items() if path.overlaps(other))))
+        listed = ", ".join(allowed)
+        routed = "|".join(re.escape(m) for m in (*allowed, *_ALWAYS_ROUTED_METHODS))
+        routes.append(
+            {
+                "name": f"method-not-allowed {path}",
+                "match": {
+                    "safe_regex": {"regex": path.regex()},
+                    "headers": [
+                        {"name": ":method", "string_match": {"safe_regex": {"regex": routed}}, "invert_match": True}
+                    ],
+                },
+                "direct_response": {"status": 405, "body": {"inline_string": f"method not allowed; allowed: {listed}"}},
+                "response_headers_to_add": [
+                    {"header": {"key": "allow", "value": listed}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                ],
+                "typed_per_filter_config": {TRANSCODER_FILTER: _FILTER_DISABLED},
+            }
+        )
+    return routes
+
+
+_FILTER_DISABLED: Json = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+
+
 def openapi_route(ctx: RenderContext) -> list[Json]:
     """GET /openapi.json: the generated OpenAPI v3 document, answered by Envoy itself."""
     document = ctx.options.openapi_document
@@ -628,15 +749,13 @@ def openapi_route(ctx: RenderContext) -> list[Json]:
                 }
             ],
             # Not a REST binding: the transcoder would answer 404 for it.
-            "typed_per_filter_config": {
-                TRANSCODER_FILTER: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
-            },
+            "typed_per_filter_config": {TRANSCODER_FILTER: _FILTER_DISABLED},
         }
     ]
 
 
 def web_routes(ctx: RenderContext) -> list[Json]:
-    routes: list[Json] = openapi_route(ctx)
+    routes: list[Json] = openapi_route(ctx) + method_not_allowed_routes(ctx)
     for service in ctx.services:
         routed = service.name in ctx.upstreams
         routes += _grpc_route(service, ctx) if routed else _unimplemented_routes(service, ctx)
@@ -663,13 +782,75 @@ EDGE_ERRORS: Mapping[int, tuple[int, str]] = {
 }
 
 
+# HTTP status of a reply Envoy makes itself -> the gRPC code a gRPC-Web caller gets (gRPC's own HTTP to gRPC
+# mapping, the one Envoy applies for plain gRPC callers) and the start of its grpc-message.
+GRPC_WEB_LOCAL_REPLIES: Mapping[int, tuple[int, str]] = {
+    400: (13, "bad gRPC-Web request"),
+    401: (16, "missing or invalid access token"),
+    403: (7, "access token not accepted"),
+    404: (12, "no such method"),
+    429: (14, "rate limited at the edge"),
+    502: (14, "upstream unavailable"),
+    503: (14, "upstream unavailable"),
+    504: (14, "upstream timed out"),
+}
+# Any other refusal (HTTP 4xx/5xx) of a gRPC-Web call: UNKNOWN.
+GRPC_WEB_OTHER_REPLY = (2, "refused by the edge")
+
+
+def _status_filter(op: str, status: int) -> Json:
+    value = {"default_value": status, "runtime_key": f"far.edge.{op.lower()}.{status}"}
+    return {"status_code_filter": {"comparison": {"op": op, "value": value}}}
+
+
+def grpc_web_mappers() -> list[Json]:
+    """Envoy's own refusals of a gRPC-Web call as HTTP 200 with grpc-status and grpc-message.
+
+    A gRPC-Web request is no gRPC request to Envoy's local replies: they keep their HTTP status (401) and
+    the grpc_web filter derives grpc-status from it, which connect-go / buf curl report as "HTTP status 401"
+    and drop the message. Rewriting the status alone makes the filter derive the code from 200 (UNKNOWN),
+    so each mapper sets grpc-status itself and empties the body: a reply without a body that carries a
+    grpc-status is a trailers-only gRPC-Web reply the filter leaves alone. The body is gone, so
+    grpc-message carries Envoy's reason from %RESPONSE_CODE_DETAILS% (`jwt_authn_access_denied{Jwt_is_missing}`).
+    """
+    grpc_web = {
+        "metadata_filter": {
+            "matcher": {
+                "filter": REQUEST_METADATA,
+                "path": [{"key": REQUEST_CONTENT_TYPE_KEY}],
+                "value": {"string_match": {"prefix": "application/grpc-web"}},
+            },
+            # Unset, a request without the key (no content type) would match.
+            "match_if_key_not_found": False,
+        }
+    }
+    cases = [(_status_filter("EQ", status), reply) for status, reply in GRPC_WEB_LOCAL_REPLIES.items()]
+    cases.append((_status_filter("GE", 400), GRPC_WEB_OTHER_REPLY))
+    mappers = []
+    for status_filter, (code, text) in cases:
+        headers = {"grpc-status": str(code), "grpc-message": f"{text} (%RESPONSE_CODE_DETAILS%)"}
+        mappers.append(
+            {
+                "filter": {"and_filter": {"filters": [grpc_web, status_filter]}},
+                "status_code": 200,
+                "body_format_override": {"text_format_source": {"inline_string": ""}},
+                "headers_to_add": [
+                    {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                    for k, v in headers.items()
+                ],
+            }
+        )
+    return mappers
+
+
 def local_reply_config(ctx: RenderContext) -> Json:
     """Envoy's own error replies (jwt_authn, the transcoder's 400/404, no route, rate limit, body too large)
     as a JSON `google.rpc.Status` with an ErrorInfo in the edge's domain.
 
-    Only for requests that are not gRPC: a gRPC or gRPC-Web caller keeps Envoy's trailers-only reply
-    with its grpc-status. Answers from the services are no local replies, so their statuses (and the
-    transcoder's conversion of them) pass untouched; so do the UNIMPLEMENTED direct responses (501).
+    Only for requests that are not gRPC: a gRPC caller keeps Envoy's trailers-only reply with its
+    grpc-status, a gRPC-Web caller gets one as HTTP 200 (`grpc_web_mappers`). Answers from the services are
+    no local replies, so their statuses (and the transcoder's conversion of them) pass untouched; so do the
+    UNIMPLEMENTED direct responses (501). The 405 routes' direct responses are local replies: JSON too.
     """
     grpc_content_type = {
         "name": "content-type",
@@ -685,7 +866,7 @@ def local_reply_config(ctx: RenderContext) -> Json:
             "filters": [{"header_filter": {"header": grpc_content_type}}, {"header_filter": {"header": transcoded}}]
         }
     }
-    mappers = []
+    mappers = grpc_web_mappers()
     for status, (code, reason) in EDGE_ERRORS.items():
         body = {
             "code": code,
@@ -694,11 +875,7 @@ def local_reply_config(ctx: RenderContext) -> Json:
                 {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": EDGE_ERROR_DOMAIN}
             ],
         }
-        status_filter = {
-            "status_code_filter": {
-                "comparison": {"op": "EQ", "value": {"default_value": status, "runtime_key": f"far.edge.{status}"}}
-            }
-        }
+        status_filter = _status_filter("EQ", status)
         mappers.append(
             {
                 "filter": {"and_filter": {"filters": [status_filter, not_grpc]}},

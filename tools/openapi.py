@@ -135,6 +135,8 @@ _QUERY_WELL_KNOWN = frozenset(
     for name in _WELL_KNOWN
     if name.endswith("Value") and name not in ("google.protobuf.Value", "google.protobuf.ListValue")
 ) | {"google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"}
+# AIP-158's page size: 0 means the default, negative is refused.
+PAGE_SIZE_FIELD = "page_size"
 
 _ERROR_RESPONSE = "Error"
 _INFO_DESCRIPTION = """\
@@ -782,7 +784,11 @@ class _Generator:
                     required and _is_required(field_proto),
                 )
                 continue
-            parameter: Json = {"name": name, "in": "query", "schema": self.field_schema(field_proto)}
+            schema = self.field_schema(field_proto)
+            if field_proto.name == PAGE_SIZE_FIELD and not repeated:
+                # AIP-158: a negative page size is INVALID_ARGUMENT, so the document says so up front.
+                schema = {**schema, "minimum": 0}
+            parameter: Json = {"name": name, "in": "query", "schema": schema}
             if repeated:
                 parameter["style"] = "form"
                 parameter["explode"] = True

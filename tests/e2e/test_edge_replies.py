@@ -3,6 +3,7 @@ gRPC and gRPC-Web callers, and the services' own errors passed through untouched
 
 from __future__ import annotations
 
+import base64
 import struct
 from collections.abc import Callable, Iterator
 
@@ -10,6 +11,8 @@ import grpc
 import httpx
 import pytest
 from far.gamed.v1 import gamed_service_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from devstack import envoy
 from devstack.stack import Stack
@@ -17,6 +20,8 @@ from tests.conftest import wallet
 from tests.e2e.test_edge_security import EDGE, edge_error
 
 pytestmark = pytest.mark.e2e
+
+GAMING = "far.gaming.v1.GamingService"  # no server in the e2e stack
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +52,21 @@ class TestJsonCallers:
         assert response.status_code == 404
         assert edge_error(response)[1:] == ("GAME_NOT_FOUND", "gamed.far.network")
 
-    def test_unimplemented_service_keeps_its_reply(self, http: httpx.Client) -> None:
+    def test_unimplemented_service_carries_error_info(self, http: httpx.Client) -> None:
+        # Transcoded to the gRPC route, whose trailers-only reply carries the whole google.rpc.Status.
         response = http.get("/v1/tournaments")
         assert response.status_code == 501
-        assert response.json()["code"] == 12
+        assert edge_error(response) == (12, "SERVICE_NOT_IMPLEMENTED", EDGE)
+        assert response.json()["details"][0]["metadata"] == {"service": GAMING}
+
+    def test_rest_path_with_another_method_is_405(self, http: httpx.Client) -> None:
+        response = http.put("/v1/games/chess", json={})
+        assert response.status_code == 405
+        assert response.headers["allow"] == "DELETE, GET, PATCH"
+        assert edge_error(response) == (12, "METHOD_NOT_ALLOWED", EDGE)
+        assert http.delete("/v1/games").headers["allow"] == "GET, POST"
+        # A bound method on the same path still reaches the service.
+        assert edge_error(http.get("/v1/games/chess"))[1:] == ("GAME_NOT_FOUND", "gamed.far.network")
 
 
 def test_openapi_document_is_served_by_the_edge(http: httpx.Client) -> None:
@@ -74,21 +90,59 @@ class TestStreamFramingRoutes:
         assert edge_error(unknown) == (3, "INVALID_ARGUMENT", EDGE)
 
 
+def grpc_web_post(http: httpx.Client, path: str, message: bytes) -> httpx.Response:
+    return http.post(
+        path,
+        content=struct.pack(">BI", 0, len(message)) + message,
+        headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1"},
+    )
+
+
 class TestGrpcCallers:
     def test_unknown_service_is_unimplemented(self, envoy_channel: grpc.Channel) -> None:
-        call = envoy_channel.unary_unary("/far.nosuch.v1.NosuchService/Get")
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = envoy_channel.unary_unary("/far.nosuch.v1.NosuchService/Get")
         with pytest.raises(grpc.RpcError) as raised:
             call(b"", timeout=5)
         assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
-    def test_grpc_web_refusal_keeps_grpc_status(self, http: httpx.Client) -> None:
+    def test_service_without_a_server_sends_error_info(self, envoy_channel: grpc.Channel) -> None:
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = envoy_channel.unary_unary(f"/{GAMING}/ListTournaments")
+        with pytest.raises(grpc.RpcError) as raised:
+            call(b"", timeout=5)
+        assert isinstance(raised.value, grpc.Call)
+        status = rpc_status.from_call(raised.value)
+        assert status is not None
+        assert status.code == grpc.StatusCode.UNIMPLEMENTED.value[0]
+        (detail,) = status.details
+        info = error_details_pb2.ErrorInfo()
+        assert detail.Unpack(info)
+        assert (info.reason, info.domain, dict(info.metadata)) == ("SERVICE_NOT_IMPLEMENTED", EDGE, {"service": GAMING})
+
+    def test_grpc_web_refusal_is_http_200_with_grpc_status(self, http: httpx.Client) -> None:
         message = gamed_service_pb2.CreateGameRequest(game_id="edge-web").SerializeToString()
-        response = http.post(
-            "/far.gamed.v1.GamedService/CreateGame",
-            content=struct.pack(">BI", 0, len(message)) + message,
-            headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1"},
-        )
-        # A trailers-only gRPC-Web reply (its HTTP status says 401 too), not a JSON body.
+        response = grpc_web_post(http, "/far.gamed.v1.GamedService/CreateGame", message)
+        # A trailers-only gRPC-Web reply as gRPC-Web clients expect it: HTTP 200, the outcome in grpc-status.
+        assert response.status_code == 200
         assert response.headers["grpc-status"] == "16"
-        assert response.headers["grpc-message"] == "Jwt is missing"
+        assert (
+            response.headers["grpc-message"]
+            == "missing or invalid access token (jwt_authn_access_denied{Jwt_is_missing})"
+        )
         assert response.headers["content-type"].startswith("application/grpc-web")
+        assert response.content == b""
+
+    def test_grpc_web_unknown_method_is_unimplemented(self, http: httpx.Client) -> None:
+        response = grpc_web_post(http, "/far.nosuch.v1.NosuchService/Get", b"")
+        assert response.status_code == 200
+        assert response.headers["grpc-status"] == "12"
+        assert response.headers["grpc-message"] == "no such method (route_not_found)"
+
+    def test_grpc_web_service_without_a_server_sends_error_info(self, http: httpx.Client) -> None:
+        response = grpc_web_post(http, f"/{GAMING}/ListTournaments", b"")
+        assert response.status_code == 200
+        assert response.headers["grpc-status"] == "12"
+        details = response.headers["grpc-status-details-bin"]
+        status = status_pb2.Status.FromString(base64.b64decode(details + "=" * (-len(details) % 4)))
+        info = error_details_pb2.ErrorInfo()
+        assert status.details[0].Unpack(info)
+        assert info.reason == "SERVICE_NOT_IMPLEMENTED"

@@ -212,6 +212,8 @@ class TestAuthenticatedCalls:
         reply = buf_curl(f"{GAMED}/CreateGame", {"gameId": "buf-anon", "game": {"displayName": "Anon"}})
         assert reply.grpc_code == 16
         assert reply.error["code"] == "unauthenticated"
+        # The edge answers HTTP 200 with grpc-status, so the client shows the edge's message, not "HTTP status 401".
+        assert reply.error["message"] == "missing or invalid access token (jwt_authn_access_denied{Jwt_is_missing})"
 
     def test_token_without_the_role_is_refused_by_the_service(
         self, buf_curl: BufCurl, make_token: Callable[..., str]
@@ -227,6 +229,14 @@ class TestAuthenticatedCalls:
 
 
 class TestErrors:
+    def test_service_without_a_server_is_unimplemented_with_error_info(self, buf_curl: BufCurl) -> None:
+        reply = buf_curl("far.gaming.v1.GamingService/ListTournaments", {})
+        assert reply.grpc_code == 12
+        assert "far.gaming.v1.GamingService" in reply.error["message"]
+        info = reply.error_info()
+        assert (info.reason, info.domain) == ("SERVICE_NOT_IMPLEMENTED", "edge.far.network")
+        assert info.metadata["service"] == "far.gaming.v1.GamingService"
+
     def test_not_found_carries_error_info(self, buf_curl: BufCurl) -> None:
         reply = buf_curl(f"{GAMED}/GetGame", {"name": "games/no-such-buf-game"})
         assert reply.grpc_code == 5

@@ -6,7 +6,7 @@ operations ask for, so that requests get past 401/403 into the services' own rul
 an answer within the response-time bound (a hang check; each request also has a timeout), responses
 that agree with the document (status, content type, body schema), invalid requests refused, and every
 error a `google.rpc.Status` JSON body with an ErrorInfo. Operations of services without a server answer
-501 UNIMPLEMENTED by design; one request each checks that.
+501 UNIMPLEMENTED by design, with the edge's ErrorInfo naming the service; one request each checks that.
 """
 
 from __future__ import annotations
@@ -272,3 +272,11 @@ def test_services_without_a_server_are_unimplemented(
     body = response.json()
     assert body["code"] == 12
     assert service in body["message"]
+    assert body["details"] == [
+        {
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "SERVICE_NOT_IMPLEMENTED",
+            "domain": "edge.far.network",
+            "metadata": {"service": service},
+        }
+    ]

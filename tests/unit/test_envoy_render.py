@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from devstack import catalog, envoy
 from devstack.__main__ import main as devstack_main
@@ -128,6 +129,7 @@ class TestWebListener:
         names = [f["name"] for f in web_hcm(render(jwt=JWT))["http_filters"]]
         assert names == [
             "envoy.filters.http.cors",
+            "envoy.filters.http.header_to_metadata",
             "envoy.filters.http.grpc_web",
             "envoy.filters.http.local_ratelimit",
             "envoy.filters.http.jwt_authn",
@@ -193,8 +195,24 @@ class TestWebListener:
             assert headers["grpc-status"] == "12"
             assert headers["content-type"] == "application/grpc"
             assert service.service_name in headers["grpc-message"]
+            status = status_pb2.Status.FromString(base64.b64decode(headers["grpc-status-details-bin"] + "=="))
+            assert (status.code, status.message) == (12, headers["grpc-message"])
+            (detail,) = status.details
+            info = error_details_pb2.ErrorInfo()
+            assert detail.Unpack(info)
+            assert (info.reason, info.domain) == ("SERVICE_NOT_IMPLEMENTED", "edge.far.network")
+            assert dict(info.metadata) == {"service": service.service_name}
             body = json.loads(json_route["direct_response"]["body"]["inline_string"])
             assert body["code"] == 12
+            assert body["message"] == status.message
+            assert body["details"] == [
+                {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "SERVICE_NOT_IMPLEMENTED",
+                    "domain": "edge.far.network",
+                    "metadata": {"service": service.service_name},
+                }
+            ]
             assert json_route["direct_response"]["status"] == 501
             assert "route" not in grpc_route
             assert "route" not in json_route
@@ -317,11 +335,15 @@ class TestJwtAuthn:
         assert first_rule(rules, "GET", "/nowhere")["requires"]["requires_any"]
 
 
+def grpc_web_mappers(mappers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in mappers if "metadata_filter" in m["filter"]["and_filter"]["filters"][0]]
+
+
 class TestLocalReplies:
     def test_json_status_for_non_grpc_requests_only(self) -> None:
         mappers = web_hcm(render())["local_reply_config"]["mappers"]
         statuses = {}
-        for mapper in mappers:
+        for mapper in mappers[len(grpc_web_mappers(mappers)) :]:
             status_filter, grpc_filter = mapper["filter"]["and_filter"]["filters"]
             content_type, transcoded = (f["header_filter"]["header"] for f in grpc_filter["or_filter"]["filters"])
             assert (content_type["name"], content_type["string_match"], content_type["invert_match"]) == (
@@ -340,6 +362,93 @@ class TestLocalReplies:
         assert statuses[429]["details"][0]["reason"] == "RATE_LIMITED"
         # The UNIMPLEMENTED direct responses (501) keep their own body.
         assert 501 not in statuses
+
+    def test_grpc_web_refusals_are_http_200_with_their_grpc_status(self) -> None:
+        config = render(jwt=JWT)
+        mappers = web_hcm(config)["local_reply_config"]["mappers"]
+        web = grpc_web_mappers(mappers)
+        # First, so that no JSON mapper takes a gRPC-Web request.
+        assert mappers[: len(web)] == web
+        codes = {}
+        for mapper in web:
+            marker, status_filter = mapper["filter"]["and_filter"]["filters"]
+            matcher = marker["metadata_filter"]
+            assert matcher["match_if_key_not_found"] is False
+            assert matcher["matcher"]["value"] == {"string_match": {"prefix": "application/grpc-web"}}
+            assert mapper["status_code"] == 200
+            # No body: a trailers-only reply, which the grpc_web filter passes as it is.
+            assert mapper["body_format_override"]["text_format_source"] == {"inline_string": ""}
+            headers = {h["header"]["key"]: h["header"]["value"] for h in mapper["headers_to_add"]}
+            assert headers["grpc-message"].endswith("(%RESPONSE_CODE_DETAILS%)")
+            comparison = status_filter["status_code_filter"]["comparison"]
+            codes[(comparison["op"], comparison["value"]["default_value"])] = headers["grpc-status"]
+        assert codes[("EQ", 401)] == "16"
+        assert codes[("EQ", 403)] == "7"
+        assert codes[("EQ", 404)] == "12"
+        assert codes[("EQ", 429)] == "14"
+        assert list(codes)[-1] == ("GE", 400)
+        # The metadata the mappers read is written before the grpc_web filter rewrites the content type.
+        names = [f["name"] for f in web_hcm(config)["http_filters"]]
+        assert names.index("envoy.filters.http.header_to_metadata") < names.index("envoy.filters.http.grpc_web")
+        (rule,) = http_filter(config, "envoy.filters.http.header_to_metadata")["request_rules"]
+        assert rule["header"] == "content-type"
+        assert rule["on_header_present"]["metadata_namespace"] == marker["metadata_filter"]["matcher"]["filter"]
+
+
+def method_not_allowed(config: dict[str, Any], method: str, path: str) -> dict[str, Any] | None:
+    """The first 405 route that takes `method` on `path`, as Envoy would pick it (RE2 full matches)."""
+    for route in routes(config):
+        if not route["name"].startswith("method-not-allowed"):
+            continue
+        (header,) = route["match"]["headers"]
+        taken = re.fullmatch(header["string_match"]["safe_regex"]["regex"], method) is None
+        if taken and re.fullmatch(route["match"]["safe_regex"]["regex"], path):
+            return route
+    return None
+
+
+class TestMethodNotAllowed:
+    def test_a_rest_path_with_another_method_is_405_with_allow(self) -> None:
+        config = render()
+        route = method_not_allowed(config, "PUT", "/v1/games/chess")
+        assert route is not None
+        assert route["direct_response"]["status"] == 405
+        (allow,) = route["response_headers_to_add"]
+        assert allow["header"] == {"key": "allow", "value": "DELETE, GET, PATCH"}
+        # The transcoder would answer 404 before the router sees the route.
+        assert route["typed_per_filter_config"]["envoy.filters.http.grpc_json_transcoder"]["disabled"] is True
+        collection = method_not_allowed(config, "DELETE", "/v1/games/")
+        assert collection is not None
+        assert collection["response_headers_to_add"][0]["header"]["value"] == "GET, POST"
+
+    def test_bound_methods_preflights_and_other_paths_pass(self) -> None:
+        config = render()
+        for method, path in [
+            ("GET", "/v1/games/chess"),
+            ("PATCH", "/v1/games/chess"),
+            ("POST", "/v1/games"),
+            ("POST", "/v1/games/chess/channels/stable:promote"),
+            ("OPTIONS", "/v1/games/chess"),
+            ("GET", "/v1/nowhere"),
+            ("GET", "/far.gamed.v1.GamedService/GetGame"),
+        ]:
+            assert method_not_allowed(config, method, path) is None, (method, path)
+
+    def test_custom_verbs_are_their_own_paths(self) -> None:
+        config = render()
+        # `:promote` is read as a verb by the transcoder: the plain `/v1/games/*/channels/*` template
+        # (GET, DELETE) does not answer for it.
+        route = method_not_allowed(config, "GET", "/v1/games/chess/channels/stable:promote")
+        assert route is not None
+        assert route["response_headers_to_add"][0]["header"]["value"] == "POST"
+
+    def test_overlapping_templates_share_their_methods(self) -> None:
+        one, other = envoy.RestPath.parse("/v1/{name=accounts/*}"), envoy.RestPath.parse("/v1/accounts/me")
+        assert one.overlaps(other)
+        assert not one.overlaps(envoy.RestPath.parse("/v1/{name=accounts/*}:grantRole"))
+        assert not one.overlaps(envoy.RestPath.parse("/v1/{parent=accounts/*}/sessions"))
+        assert envoy.RestPath.parse("/v1/{name=files/**}").overlaps(envoy.RestPath.parse("/v1/files/a/b/c"))
+        assert envoy.RestPath.parse("/v1/{name=games/*}:promote").regex() == "/v1/games/[^/:]+:promote/?"
 
 
 class TestCorsRateLimitBodyCap:

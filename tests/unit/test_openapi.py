@@ -379,7 +379,7 @@ def test_list_games_query_parameters(doc: Json) -> None:
         ("query", name)
         for name in ("pageSize", "pageToken", "query", "genre", "platform", "publisher", "state", "orderBy")
     }
-    assert query[("query", "pageSize")]["schema"] == {"type": "integer", "format": "int32"}
+    assert query[("query", "pageSize")]["schema"] == {"type": "integer", "format": "int32", "minimum": 0}
     assert "1-100" in query[("query", "pageSize")]["description"]
     platform = resolve(doc, query[("query", "platform")]["schema"])
     assert platform["type"] == "string"
@@ -403,6 +403,19 @@ def test_list_games_query_parameters(doc: Json) -> None:
         "items": {"$ref": "#/components/schemas/far.gamed.v1.Game"},
         "description": "The games of this page.",
     }
+
+
+def test_every_page_size_is_non_negative(doc: Json) -> None:
+    # AIP-158: 0 asks for the default page size; a negative one is INVALID_ARGUMENT.
+    page_sizes = [
+        parameter["schema"]
+        for item in doc["paths"].values()
+        for operation in item.values()
+        for parameter in operation.get("parameters", [])
+        if parameter["name"] == "pageSize"
+    ]
+    assert page_sizes
+    assert all(schema == {"type": "integer", "format": "int32", "minimum": 0} for schema in page_sizes)
 
 
 def test_update_game_patch_body(doc: Json) -> None:
