@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from far.inference.v1 import job_pb2
+from far.inference.v1 import inference_service_pb2, job_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import status_pb2
 
@@ -66,3 +66,19 @@ def job(row: JobRow, *, with_output: bool = True) -> job_pb2.Job:
         if row.verify_time is not None:
             payment.verify_time.CopyFrom(timestamp(row.verify_time))
     return message
+
+
+def generate_end(row: JobRow) -> inference_service_pb2.GenerateEnd:
+    """The `final` of an ended job, from its row (a stream that missed the runner's own End)."""
+    end = inference_service_pb2.GenerateEnd(
+        state=job_pb2.Job.State.ValueType(row.state), finish_reason=job_pb2.FinishReason.ValueType(row.finish_reason)
+    )
+    end.usage.prompt_tokens = row.prompt_tokens
+    end.usage.completion_tokens = row.completion_tokens
+    end.usage.total_tokens = row.prompt_tokens + row.completion_tokens
+    if row.error:
+        end.error.ParseFromString(row.error)
+    if row.time_to_first_token_ms is not None:
+        end.time_to_first_token.FromMilliseconds(row.time_to_first_token_ms)
+    end.next_offset = row.completion_tokens
+    return end

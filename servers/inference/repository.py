@@ -85,3 +85,14 @@ async def mark_ended(session: AsyncSession, job_id: str, **values: Any) -> JobRo
         update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(UNFINISHED)).values(**values).returning(JobRow)
     )
     return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def running_started_before(session: AsyncSession, before: datetime, *, limit: int) -> list[JobRow]:
+    """RUNNING jobs that started before `before`, oldest first (the stale-job sweeper's candidates)."""
+    query = (
+        select(JobRow)
+        .where(JobRow.state == RUNNING, JobRow.start_time < before)
+        .order_by(JobRow.start_time)
+        .limit(limit)
+    )
+    return list((await session.execute(query)).scalars())

@@ -31,6 +31,7 @@ from servers.inference.jobs import JOBS_TOPIC
 from servers.inference.models import JobRow
 from servers.inference.nodes import NodeDirectory
 from servers.inference.requests import generation_from
+from servers.inference.sweeper import JobHeartbeats
 from servers.inference.token_stream import Delta, TokenStreams, TokenWriter
 from servers.inference.triton_stream import Generation, Piece
 
@@ -99,6 +100,7 @@ class Runner:
         clients: Clients,
         *,
         slots_per_model: int = 4,
+        heartbeats: JobHeartbeats | None = None,
     ) -> None:
         self._db = database
         self._admission = admission
@@ -107,6 +109,7 @@ class Runner:
         self._clients = clients
         self._slots: dict[str, Slots] = defaultdict(lambda: Slots(slots_per_model))
         self._running: dict[str, _Running] = {}
+        self._heartbeats = heartbeats
 
     def try_reserve(self, model: ModelSpec) -> bool:
         """Take a local slot for `model` now if one is free (then `start` must follow, or `unreserve`)."""
@@ -203,6 +206,7 @@ class Runner:
         accepted: asyncio.Future[int] | None = None,
     ) -> None:
         writer: TokenWriter | None = None
+        beating: asyncio.Task[None] | None = None
         held: list[Piece] = []  # pieces that came before the gate opened
         outcome = Outcome(state=job_pb2.Job.STATE_RUNNING, finish_reason=job_pb2.FINISH_REASON_UNSPECIFIED)
         first_token_wall: float | None = None
@@ -259,6 +263,8 @@ class Runner:
                     self._slots[model.id].give()
                     return
             writer = TokenWriter(self._streams, job_id)
+            if self._heartbeats is not None:  # so that the stale-job sweeper knows this job is alive
+                beating = asyncio.create_task(self._heartbeats.keep(job_id), name=f"heartbeat:{job_id}")
             for piece in held:
                 deliver(piece)
             held.clear()
@@ -291,6 +297,8 @@ class Runner:
                 code_pb2.INTERNAL, "GENERATION_FAILED", f"the job failed: {type(error).__name__}"
             )
         finally:
+            if beating is not None:
+                beating.cancel()
             if writer is not None:
                 ttft_ms = (
                     int((first_token_wall - create_time.timestamp()) * 1000)

@@ -23,6 +23,7 @@ from far.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 
 from servers.common.chain import Chain, ChainSettings
 from servers.common.config import ConfigError, Env
+from servers.common.lease import Lease
 from servers.common.server import Runtime, ServiceSpec
 from servers.inference.admission import Admission, Limits
 from servers.inference.catalog import Catalog, load_models
@@ -33,6 +34,7 @@ from servers.inference.prices import Prices
 from servers.inference.quotes import Quotes
 from servers.inference.runner import Runner
 from servers.inference.servicer import InferenceServicer, Parts
+from servers.inference.sweeper import JobHeartbeats, StaleJobSweeper
 from servers.inference.token_stream import TokenStreams
 
 SERVICE_NAME = inference_service_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -146,6 +148,7 @@ async def _setup(server: grpc.aio.Server, runtime: Runtime, environ: Mapping[str
     streams = TokenStreams(runtime.redis, prefix)
     clients = Clients()
     runtime.on_close(clients.close)
+    heartbeats = JobHeartbeats(runtime.redis, prefix)
     runner = Runner(
         runtime.database,
         admission,
@@ -153,6 +156,14 @@ async def _setup(server: grpc.aio.Server, runtime: Runtime, environ: Mapping[str
         directory,
         clients,
         slots_per_model=env.integer("INFERENCE_SLOTS_PER_MODEL", 4, minimum=1),
+        heartbeats=heartbeats,
+    )
+    sweeper = StaleJobSweeper(
+        runtime.database,
+        heartbeats,
+        streams,
+        admission,
+        Lease(runtime.redis, f"{prefix}inference:sweeper", ttl_ms=30_000),
     )
     quotes = Quotes(
         runtime.redis,
@@ -184,6 +195,7 @@ async def _setup(server: grpc.aio.Server, runtime: Runtime, environ: Mapping[str
     _background(runtime, "nodes", lambda: directory.run(refresh_s))
     _background(runtime, "prices", lambda: prices.run(30.0))
     _background(runtime, "cancels", lambda: _listen_for_cancels(runtime, streams, runner))
+    _background(runtime, "stale-jobs", sweeper.run)
     for spec in catalog:
         _background(runtime, f"dispatch:{spec.id}", lambda spec=spec: runner.dispatch(spec, consumer))  # type: ignore[misc]
     log.info("inference ready", models=[spec.id for spec in catalog], paid=chain is not None)

@@ -304,7 +304,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 row = await repository.get_job(uow.session, job_id)
             if row is None or row.state in repository.UNFINISHED:
                 return None
-            return _end_of(row)
+            return convert.generate_end(row)
 
         async with self._p.streams.following(job_id):
             async for response in streams.from_token_stream(
@@ -424,7 +424,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     )
                     if ended is not None:
                         uow.publish(jobs.JOBS_TOPIC, convert.job(ended, with_output=False))
-                        await self._p.streams.end(job_id, _end_of(ended).SerializeToString())
+                        await self._p.streams.end(job_id, convert.generate_end(ended).SerializeToString())
                     return None
         await self._p.streams.request_cancel(job_id, reason)
         return None
@@ -447,16 +447,3 @@ class _Duplicate(Exception):
     def __init__(self, job: job_pb2.Job) -> None:
         super().__init__(job.name)
         self.job = job
-
-
-def _end_of(row: Any) -> pb.GenerateEnd:
-    end = pb.GenerateEnd(state=row.state, finish_reason=row.finish_reason)
-    end.usage.prompt_tokens = row.prompt_tokens
-    end.usage.completion_tokens = row.completion_tokens
-    end.usage.total_tokens = row.prompt_tokens + row.completion_tokens
-    if row.error:
-        end.error.ParseFromString(row.error)
-    if row.time_to_first_token_ms is not None:
-        end.time_to_first_token.FromMilliseconds(row.time_to_first_token_ms)
-    end.next_offset = row.completion_tokens
-    return end
