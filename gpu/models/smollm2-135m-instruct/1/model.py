@@ -100,6 +100,7 @@ class TritonPythonModel:
             return
         self._count_busy()
         last = Piece("", "error", 0, 0)
+        accepting: threading.Thread | None = None
         try:
             try:
                 tokens = prompt_tokens(llama, completion, self.slots.chat_format, self.settings.context)
@@ -107,16 +108,26 @@ class TritonPythonModel:
                 sender.send(_error(str(exc)), flags=FINAL)
                 return
             if completion.max_prompt_tokens is not None:
-                # The prompt is within what the caller paid for: say so (and how long it is) before the
-                # prefill, so the platform can record the job while the model computes.
-                sender.send(_response(Piece("", "", len(tokens), 0)))
+                # The prompt is within what the caller paid for: say so (and how long it is) while the prefill
+                # runs, so the platform records the job meanwhile. Sending costs ~20 ms on this stub, so it
+                # goes from a thread of its own; the first piece waits for it (responses stay in order).
+                accepted = _response(Piece("", "", len(tokens), 0))
+                accepting = threading.Thread(target=sender.send, args=(accepted,), name="accept", daemon=True)
+                accepting.start()
             for piece in stream(llama, completion, tokens, self.settings.context, stopped):
+                if accepting is not None:
+                    accepting.join()
+                    accepting = None
                 last = piece
                 if piece.finish_reason:
                     break
                 sender.send(_response(piece))
+            if accepting is not None:
+                accepting.join()
             self._finish(sender, last)
         except Exception as exc:
+            if accepting is not None:  # never two sends at once on one request
+                accepting.join()
             # A send refused because the client cancelled meanwhile is a cancellation, not a failure.
             reason = stopped() or "error"
             if reason == "error":
