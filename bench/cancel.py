@@ -38,7 +38,7 @@ from gpu.triton import CHAT_MODEL, MODEL_REPOSITORY, TritonProcess
 from servers.common.auth import JwtKeys, TokenIssuer
 from servers.common.config import Settings
 from servers.common.db import run_admin_statement, with_database
-from servers.common.embedded import ensure_redis, start_postgres
+from servers.common.embedded import EmbeddedServer, ensure_redis, start_postgres
 from servers.common.server import start_server
 from servers.inference.server import make_spec
 
@@ -139,7 +139,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="far-bench-cancel-"))
-    embedded = []
+    embedded: list[EmbeddedServer] = []
     server_url = os.environ.get("DATABASE_URL", "").strip()
     if not server_url:
         pg = start_postgres(work / "postgres")

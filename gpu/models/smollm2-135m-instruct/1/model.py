@@ -54,7 +54,7 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> None:
         # Inputs are read and checked here: a bad request is answered at once, threads hold plain values.
         for request in requests:
-            sender = request.get_response_sender()
+            sender = _Sender(request.get_response_sender())
             try:
                 completion = _completion(request, self.settings.context)
             except BadRequest as exc:
@@ -154,6 +154,45 @@ class TritonPythonModel:
             self.metrics.busy.set(self.slots.busy())
 
 
+# The stub's IPC with the server is not safe for concurrent calls from several threads: under 16 concurrent
+# streams tritonserver 2.51 crashed (SIGSEGV, boost::interprocess::lock_exception) without this lock around
+# every pb_utils call a worker thread makes (sends, is_cancelled, metric updates); with it, none did.
+IPC = threading.Lock()
+
+
+class _Sender:
+    """A response sender whose calls hold IPC."""
+
+    def __init__(self, sender: Any) -> None:
+        self._sender = sender
+
+    def send(self, response: Any = None, flags: int = 0) -> None:
+        with IPC:
+            if response is None:
+                self._sender.send(flags=flags)
+            else:
+                self._sender.send(response, flags=flags)
+
+    def is_cancelled(self) -> bool:
+        with IPC:
+            return bool(self._sender.is_cancelled())
+
+
+class _Metric:
+    """A custom metric whose updates hold IPC."""
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+
+    def set(self, value: float) -> None:
+        with IPC:
+            self._metric.set(value)
+
+    def increment(self, value: float) -> None:
+        with IPC:
+            self._metric.increment(value)
+
+
 class _Metrics:
     """Custom metrics on Triton's /metrics endpoint: how full the slots are, and what finished how.
 
@@ -168,7 +207,7 @@ class _Metrics:
         def metric(name: str, description: str, kind: Any, extra: dict[str, str] | None = None) -> Any:
             family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
             self._families.append(family)
-            return family.Metric({**labels, **(extra or {})})
+            return _Metric(family.Metric({**labels, **(extra or {})}))
 
         self.slots = metric("far_llm_slots", "llama instances that can generate at once", gauge)
         self.busy = metric("far_llm_slots_busy", "slots generating now", gauge)
@@ -181,7 +220,9 @@ class _Metrics:
             name="far_llm_requests_finished_total", description="finished requests by finish reason", kind=counter
         )
         self._families.append(finished)
-        self.finished = {reason: finished.Metric({**labels, "finish_reason": reason}) for reason in FINISH_REASONS}
+        self.finished = {
+            reason: _Metric(finished.Metric({**labels, "finish_reason": reason})) for reason in FINISH_REASONS
+        }
 
     def close(self) -> None:
         for name in ("slots", "busy", "waiting", "prompt_tokens", "completion_tokens", "finished"):
