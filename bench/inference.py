@@ -1,0 +1,660 @@
+"""What the platform adds to a token stream: Triton straight from tritonclient vs Generate through the service.
+
+    python -m bench.inference [--tokens 32] [--rounds 1.0]      (make bench)
+
+One run, one machine, one tritonserver (SmolLM2-135M on llama.cpp, 4 slots x 1 thread, gpu/models) and three
+ways to stream the same generation from it, each 1, 4 and 16 streams at a time:
+
+- `triton_direct`: tritonclient.grpc.aio `stream_infer` with the inputs the service itself sends (`build_inputs`);
+- `service_direct`: `InferenceService.Generate` on the inference server's own port (mTLS, a `service/bench`
+  client certificate and an account's JWT);
+- `via_envoy`: the same call through Envoy's web listener (gRPC over h2c, JWT checked at the edge, mTLS upstream).
+
+The catalog makes the model free, so no quote, payment or chain read is on the measured path: the figures are the
+platform's own cost (validation, admission in Redis, the job row in PostgreSQL, relaying, the edge). The service
+gets 16 local slots so that every stream takes its fast path (no Redis hop between Triton and the caller);
+the 16-stream rounds then queue inside Triton, the same way for every path. Paths take turns within each round
+(the order rotates) so that drift favours none. Time to first token is from the call to the first token (the
+first `delta` for Generate); tokens/s is all completion tokens of a round over its wall time. CPU per token of
+the inference server, Envoy, Triton and (when they are local TCP servers) PostgreSQL and Redis comes from their
+process times over the rounds of each path. tritonserver's Python backend can crash under 16 concurrent streams
+(bench/RESULTS.md): a round it crashed in is dropped and run again on a fresh Triton and stack, and the crashes
+are recorded. Figures go to bench/results/inference.json and to the inference section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import re
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections import defaultdict
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+from far.inference.v1 import inference_service_pb2 as pb
+from far.inference.v1 import inference_service_pb2_grpc, job_pb2
+from tritonclient.grpc import InferRequestedOutput
+from tritonclient.grpc.aio import InferenceServerClient
+
+from devstack.stack import Stack, run_migrations
+from gpu.triton import CHAT_MODEL, MODEL_REPOSITORY, SHM_DIR, TritonProcess, _stub_shm_regions
+from servers.common.auth import JwtKeys, TokenIssuer
+from servers.common.db import run_admin_statement, with_database
+from servers.common.embedded import EmbeddedServer, ensure_redis, start_postgres
+from servers.inference.requests import generation_from
+from servers.inference.triton_stream import OUTPUTS, build_inputs
+
+
+def _table_header(*columns: str) -> str:
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+RESULTS_JSON = ROOT / "bench" / "results" / "inference.json"
+BEGIN, END = "<!-- inference:begin -->", "<!-- inference:end -->"
+JWT_SECRET = "bench-" + secrets.token_hex(24)
+ACCOUNT = "0x" + "b1" * 20
+PATHS = ("triton_direct", "service_direct", "via_envoy")
+# Rounds per concurrency at --rounds 1: about the same number of streams for each (20, 20, 64).
+ROUNDS = {1: 20, 4: 5, 16: 4}
+PROMPT = "Write a long story about a lighthouse keeper and the storm that changed his life."
+SEED = 7
+CASE_HEADER = _table_header(
+    "path", "streams at once", "streams", "TTFT p50 ms", "TTFT p99 ms", "tokens/s (all streams)",
+    "ms/token per stream", "job message p50 ms", "service CPU ms/token", "Envoy CPU ms/token", "Triton CPU ms/token",
+    "PostgreSQL + Redis CPU ms/token",
+)  # fmt: skip
+ADDED_HEADER = _table_header(
+    "streams at once", "TTFT p50 ms", "TTFT p99 ms", "TTFT paired by round ms", "tokens/s ratio",
+    "ms/token per stream", "service direct: TTFT p50 ms", "service direct: TTFT paired ms",
+    "service direct: tokens/s ratio",
+)  # fmt: skip
+LLAMA_SLOTS = 4
+STORES = {"postgres": "DATABASE_URL", "redis": "REDIS_URL"}
+# A round of 16 streams takes seconds; one that takes this long is stuck (the model's stub died).
+ROUND_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """One generation as the client saw it (perf_counter seconds)."""
+
+    start: float
+    first_token: float
+    last_token: float
+    end: float
+    tokens: int
+    text: str
+    job: float | None = None
+    """When Generate's first message (the job) arrived: the bookkeeping before the model is asked."""
+
+
+@dataclass
+class Tally:
+    """Everything measured for one path at one concurrency, over all its rounds."""
+
+    streams: list[Stream] = field(default_factory=list)
+    round_ttft_p50_ms: list[float] = field(default_factory=list)
+    """Each round's median time to first token, in round order (paths take turns, so rounds pair up)."""
+    wall_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+@dataclass
+class Case:
+    path: str
+    concurrency: int
+    streams: int
+    tokens: int
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    ttft_added_paired_ms: float | None
+    """Median over rounds of (this path's round median TTFT - triton_direct's in the same round)."""
+    tokens_per_s: float
+    ms_per_token: float
+    """Mean time between a stream's first and last token, per token after the first."""
+    time_to_job_p50_ms: float | None
+    service_cpu_ms_per_token: float | None
+    envoy_cpu_ms_per_token: float | None
+    triton_cpu_ms_per_token: float
+    stores_cpu_ms_per_token: float | None
+    """PostgreSQL + Redis (None when they are not local TCP servers)."""
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest rank: with n samples, p99 is the largest unless n >= 100."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def _generate_request(tokens: int) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(model=f"models/{CHAT_MODEL}", max_tokens=tokens)
+    request.chat.messages.add(role=job_pb2.ChatMessage.ROLE_USER, content=PROMPT)
+    request.sampling.temperature = 0.0
+    request.sampling.seed = SEED
+    return request
+
+
+def _triton_request(request: pb.GenerateRequest) -> dict[str, Any]:
+    """The request the service sends Triton for `request` (same inputs, same outputs asked for)."""
+    job = job_pb2.Job(model=request.model, chat=request.chat, sampling=request.sampling, max_tokens=request.max_tokens)
+    return {
+        "model_name": CHAT_MODEL,
+        "inputs": build_inputs(generation_from(job)),
+        "outputs": [InferRequestedOutput(name) for name in OUTPUTS],
+    }
+
+
+async def _triton_stream(client: InferenceServerClient, request: pb.GenerateRequest) -> Stream:
+    triton_request = _triton_request(request)
+
+    async def requests() -> Any:
+        yield triton_request
+
+    start = time.perf_counter()
+    first = last = 0.0
+    tokens = 0
+    text: list[str] = []
+    async for result, error in client.stream_infer(requests()):
+        if error is not None:
+            raise RuntimeError(f"triton: {error}")
+        completion = result.as_numpy("completion_tokens")
+        if completion is not None and completion.size and int(completion.reshape(-1)[0]) > tokens:
+            last = time.perf_counter()
+            first = first or last
+            tokens = int(completion.reshape(-1)[0])
+        piece = result.as_numpy("text")
+        if piece is not None and piece.size:
+            text.append(piece.reshape(-1)[0].decode())
+    return Stream(start, first, last, time.perf_counter(), tokens, "".join(text))
+
+
+async def _generate_stream(stub: Any, request: pb.GenerateRequest, metadata: Any) -> Stream:
+    start = time.perf_counter()
+    job: float | None = None
+    first = last = 0.0
+    text: list[str] = []
+    final: pb.GenerateEnd | None = None
+    async for response in stub.Generate(request, metadata=metadata):
+        if response.HasField("delta"):
+            last = time.perf_counter()
+            first = first or last
+            text.append(response.delta.text)
+        elif response.HasField("job"):
+            job = time.perf_counter()
+        elif response.HasField("final"):
+            final = response.final
+    if final is None or final.state != job_pb2.Job.STATE_SUCCEEDED:
+        raise RuntimeError(f"Generate did not succeed: {final}")
+    return Stream(start, first, last, time.perf_counter(), final.usage.completion_tokens, "".join(text), job)
+
+
+class Processes:
+    """CPU seconds (user + system) of the processes on the path, each with its children (live and exited):
+    the inference server, Envoy, Triton with its model stub, and PostgreSQL and Redis when they listen on TCP
+    here (they serve other clients too: their figures hold only on an otherwise idle machine)."""
+
+    def __init__(self, pids: Mapping[str, int]) -> None:
+        self._procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+
+    def cpu_s(self) -> dict[str, float]:
+        totals = {}
+        for name, root in self._procs.items():
+            total = 0.0
+            for member in [root, *root.children(recursive=True)]:
+                try:
+                    times = member.cpu_times()
+                except psutil.NoSuchProcess:
+                    continue
+                total += times.user + times.system
+                if member is root:
+                    total += times.children_user + times.children_system
+            totals[name] = total
+        return totals
+
+
+def _listener_pid(url: str) -> int | None:
+    """The process that listens on the TCP port of `url` on this machine (None for sockets or remote hosts)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.hostname not in ("127.0.0.1", "localhost", "::1") or parsed.port is None:
+        return None
+    for connection in psutil.net_connections(kind="tcp"):
+        address = connection.laddr
+        if connection.status == psutil.CONN_LISTEN and address and address[1] == parsed.port and connection.pid:
+            return int(connection.pid)
+    return None
+
+
+async def _round(
+    streams: Callable[[], Coroutine[Any, Any, Stream]], concurrency: int, processes: Processes, tally: Tally
+) -> None:
+    before = processes.cpu_s()
+    started = time.perf_counter()
+    async with asyncio.TaskGroup() as group:  # one failed stream cancels the others
+        tasks = [group.create_task(streams()) for _ in range(concurrency)]
+    done = [task.result() for task in tasks]
+    tally.wall_s += time.perf_counter() - started
+    after = processes.cpu_s()
+    for name in after:
+        tally.cpu_s[name] += after[name] - before[name]
+    tally.streams.extend(done)
+    tally.round_ttft_p50_ms.append(statistics.median((s.first_token - s.start) * 1000 for s in done))
+
+
+def _case(path: str, concurrency: int, tally: Tally, direct: Tally) -> Case:
+    streams = tally.streams
+    tokens = sum(s.tokens for s in streams)
+    ttft = [(s.first_token - s.start) * 1000 for s in streams]
+    jobs = [(s.job - s.start) * 1000 for s in streams if s.job is not None]
+
+    def per_token(name: str) -> float:
+        return tally.cpu_s[name] * 1000 / tokens
+
+    stores = [per_token(name) for name in STORES if name in tally.cpu_s]
+
+    return Case(
+        path=path,
+        concurrency=concurrency,
+        streams=len(streams),
+        tokens=tokens,
+        ttft_p50_ms=statistics.median(ttft),
+        ttft_p99_ms=percentile(ttft, 0.99),
+        ttft_added_paired_ms=None
+        if tally is direct
+        else statistics.median(a - b for a, b in zip(tally.round_ttft_p50_ms, direct.round_ttft_p50_ms, strict=True)),
+        tokens_per_s=tokens / tally.wall_s,
+        ms_per_token=statistics.fmean((s.last_token - s.first_token) * 1000 / (s.tokens - 1) for s in streams),
+        time_to_job_p50_ms=statistics.median(jobs) if jobs else None,
+        service_cpu_ms_per_token=per_token("inference") if path != "triton_direct" else None,
+        envoy_cpu_ms_per_token=per_token("envoy") if path == "via_envoy" else None,
+        triton_cpu_ms_per_token=per_token("triton"),
+        stores_cpu_ms_per_token=sum(stores) if stores else None,
+    )
+
+
+class TritonCrashed(RuntimeError):
+    """tritonserver died during a round (its Python backend can crash under many concurrent streams)."""
+
+
+class Rig:
+    """Triton, the inference server and Envoy, with a client for each path; started again after a Triton crash."""
+
+    def __init__(self, work: Path, env: Mapping[str, str], token: str, request: pb.GenerateRequest) -> None:
+        self._work = work
+        self._env = env
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._request = request
+        self.starts = 0
+        self.triton: TritonProcess | None = None
+        self.stack: Stack | None = None
+        self._client: InferenceServerClient | None = None
+        self._channels: list[grpc.aio.Channel] = []
+        self.paths: dict[str, Callable[[], Coroutine[Any, Any, Stream]]] = {}
+        self._shm: set[str] = set()
+        self.processes: Processes | None = None
+
+    def start(self) -> None:
+        self.starts += 1
+        run = self._work / f"run-{self.starts}"
+        self.triton = TritonProcess.start(
+            MODEL_REPOSITORY,
+            run / "triton",
+            load_models=[CHAT_MODEL],
+            env={"FAR_LLAMA_SLOTS": str(LLAMA_SLOTS), "FAR_LLAMA_THREADS": "1"},
+        )
+        # TritonProcess.stop frees the stub's shared memory only while the stub lives; after a crash, we do.
+        self._shm = _stub_shm_regions(self.triton.pid)
+        env = {
+            **self._env,
+            "REDIS_KEY_PREFIX": f"far-bench-{secrets.token_hex(4)}:",
+            "INFERENCE_STATIC_NODES": f"{CHAT_MODEL}=bench@{self.triton.grpc_url}",
+        }
+        self.stack = Stack(["inference"], env=env, run_dir=run / "stack", metrics=False).start()
+        assert self.stack.envoy_process is not None
+        stores = {name: _listener_pid(self._env[variable]) for name, variable in STORES.items()}
+        self.processes = Processes(
+            {
+                "inference": self.stack.servers["inference"].process.pid,
+                "envoy": self.stack.envoy_process.pid,
+                "triton": self.triton.pid,
+                **{name: pid for name, pid in stores.items() if pid is not None},
+            }
+        )
+        client = self._client = InferenceServerClient(self.triton.grpc_url)
+        direct = grpc.aio.secure_channel(
+            self.stack.grpc_target("inference"), self.stack.client_credentials("service", "bench")
+        )
+        edge = grpc.aio.insecure_channel(self.stack.envoy_grpc_target)
+        self._channels = [direct, edge]
+        direct_stub = inference_service_pb2_grpc.InferenceServiceStub(direct)
+        edge_stub = inference_service_pb2_grpc.InferenceServiceStub(edge)
+        self.paths = {
+            "triton_direct": lambda: _triton_stream(client, self._request),
+            "service_direct": lambda: _generate_stream(direct_stub, self._request, self._metadata),
+            "via_envoy": lambda: _generate_stream(edge_stub, self._request, self._metadata),
+        }
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+        for channel in self._channels:
+            await channel.close()
+        if self.stack is not None:
+            self.stack.stop()
+        if self.triton is not None:
+            self.triton.stop()
+        for name in self._shm:
+            (SHM_DIR / name).unlink(missing_ok=True)
+        self._client, self._channels, self.stack, self.triton = None, [], None, None
+
+    async def round(self, path: str, concurrency: int, tally: Tally) -> None:
+        """One round of `concurrency` streams on `path`, added to `tally`; TritonCrashed if Triton died in it."""
+        assert self.processes is not None
+        assert self.triton is not None
+        try:
+            await asyncio.wait_for(_round(self.paths[path], concurrency, self.processes, tally), ROUND_TIMEOUT_S)
+        except TimeoutError as error:
+            if not _stub_alive(self.triton):
+                raise TritonCrashed(f"the model's Python stub died during a {path} round of {concurrency}") from error
+            raise
+        except Exception as error:
+            if await asyncio.to_thread(_died, self.triton, 5.0):
+                raise TritonCrashed(f"tritonserver died during a {path} round of {concurrency}") from error
+            raise
+
+
+def _stub_alive(triton: TritonProcess) -> bool:
+    """Whether the model's Python backend stub still runs (when it dies alone, its requests hang)."""
+    try:
+        children = psutil.Process(triton.pid).children()
+    except psutil.NoSuchProcess:
+        return False
+    return any(
+        child.name().startswith("triton_python") and child.status() != psutil.STATUS_ZOMBIE for child in children
+    )
+
+
+def _died(triton: TritonProcess, within_s: float) -> bool:
+    """Whether tritonserver is gone or goes within `within_s` (a crash shows at the client first)."""
+    deadline = time.monotonic() + within_s
+    while triton.alive():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+async def _measure(rig: Rig, args: argparse.Namespace) -> tuple[list[Case], dict[str, list[str]], list[str]]:
+    """Warm up, then every concurrency's rounds; returns the cases, each path's distinct texts, the crashes."""
+    texts: dict[str, list[str]] = defaultdict(list)
+    crashes: list[str] = []
+
+    async def attempt(path: str, concurrency: int, tally: Tally) -> None:
+        """A round, again on a fresh rig after a Triton crash (the crashed round's streams are dropped)."""
+        restart = False
+        while True:
+            partial = Tally()
+            try:
+                if restart:
+                    await rig.stop()
+                    rig.start()
+                    await _warm_up(rig)
+                await rig.round(path, concurrency, partial)
+            except TritonCrashed as crash:
+                crashes.append(str(crash))
+                print(f"bench: {crash}; starting Triton and the stack again", flush=True)
+                if len(crashes) > args.max_restarts:
+                    raise
+                restart = True
+                continue
+            tally.streams.extend(partial.streams)
+            tally.round_ttft_p50_ms.extend(partial.round_ttft_p50_ms)
+            tally.wall_s += partial.wall_s
+            for name, seconds in partial.cpu_s.items():
+                tally.cpu_s[name] += seconds
+            return
+
+    try:
+        rig.start()
+        await _warm_up(rig)  # a crash here fails the run: Triton was too busy to be measured at all
+        cases: list[Case] = []
+        for concurrency, rounds in ROUNDS.items():
+            tallies = {path: Tally() for path in PATHS}
+            for number in range(max(1, round(rounds * args.rounds))):
+                shift = number % len(PATHS)
+                for path in PATHS[shift:] + PATHS[:shift]:
+                    await attempt(path, concurrency, tallies[path])
+            for path in PATHS:
+                case = _case(path, concurrency, tallies[path], tallies["triton_direct"])
+                cases.append(case)
+                texts[path].extend(sorted({s.text for s in tallies[path].streams}))
+                print(
+                    f"{path:15} c={concurrency:<2} ttft p50 {case.ttft_p50_ms:7.1f} ms  "
+                    f"p99 {case.ttft_p99_ms:7.1f} ms  {case.tokens_per_s:6.1f} tok/s  "
+                    f"{case.ms_per_token:5.2f} ms/token  ({case.streams} streams)",
+                    flush=True,
+                )
+        return cases, texts, crashes
+    finally:
+        await rig.stop()
+
+
+async def _warm_up(rig: Rig) -> None:
+    """Connections, every llama slot, the server's code paths."""
+    for path in PATHS:
+        for concurrency in (1, LLAMA_SLOTS):
+            await rig.round(path, concurrency, Tally())
+
+
+def _summary(cases: list[Case]) -> dict[str, Any]:
+    def pick(path: str, concurrency: int) -> Case:
+        return next(c for c in cases if (c.path, c.concurrency) == (path, concurrency))
+
+    summary: dict[str, Any] = {}
+    for path, tag in (("via_envoy", ""), ("service_direct", "_service_direct")):
+        for concurrency in ROUNDS:
+            base, case = pick("triton_direct", concurrency), pick(path, concurrency)
+            suffix = tag if concurrency == 16 else f"{tag}_c{concurrency}"
+            summary[f"ttft_added_p50_ms{suffix}"] = round(case.ttft_p50_ms - base.ttft_p50_ms, 2)
+            summary[f"ttft_added_p99_ms{suffix}"] = round(case.ttft_p99_ms - base.ttft_p99_ms, 2)
+            summary[f"ttft_added_paired_ms{suffix}"] = round(case.ttft_added_paired_ms or 0.0, 2)
+            summary[f"tokens_per_s_ratio{suffix}"] = round(case.tokens_per_s / base.tokens_per_s, 3)
+            summary[f"ms_per_token_added{suffix}"] = round(case.ms_per_token - base.ms_per_token, 3)
+    return summary
+
+
+def _code_state() -> dict[str, Any]:
+    """Which code was measured: the commit, and whether the service or the model had uncommitted changes."""
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "uncommitted_changes": git("status", "--porcelain", "--", "servers/inference", "gpu/models").splitlines(),
+    }
+
+
+def _machine() -> dict[str, str]:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    envoy = subprocess.run(
+        [str(Path(sys.executable).parent / "envoy"), "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    envoy_version = re.search(r"/(\d+\.\d+\.\d+)/", envoy)
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory": f"{memory_kib / 1024 / 1024:.0f} GiB",
+        "python": platform.python_version(),
+        "envoy": envoy_version.group(1) if envoy_version else "unknown",
+    }
+
+
+def _write_results(
+    cases: list[Case], summary: dict[str, Any], context: dict[str, Any], machine: dict[str, str]
+) -> None:
+    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_JSON.write_text(
+        json.dumps(
+            {
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "machine": machine,
+                **context,
+                **summary,
+                "cases": [asdict(case) for case in cases],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+    def ms(value: float | None, digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    rows = "\n".join(
+        f"| {c.path} | {c.concurrency} | {c.streams} | {c.ttft_p50_ms:.1f} | {c.ttft_p99_ms:.1f} | "
+        f"{c.tokens_per_s:.1f} | {c.ms_per_token:.2f} | {ms(c.time_to_job_p50_ms, 1)} | "
+        f"{ms(c.service_cpu_ms_per_token)} | {ms(c.envoy_cpu_ms_per_token)} | {c.triton_cpu_ms_per_token:.2f} | "
+        f"{ms(c.stores_cpu_ms_per_token)} |"
+        for c in sorted(cases, key=lambda c: (c.concurrency, PATHS.index(c.path)))
+    )
+    added = "\n".join(
+        f"| {concurrency} | {summary[f'ttft_added_p50_ms{sfx}']:+.1f} | {summary[f'ttft_added_p99_ms{sfx}']:+.1f} | "
+        f"{summary[f'ttft_added_paired_ms{sfx}']:+.1f} | "
+        f"{summary[f'tokens_per_s_ratio{sfx}']:.3f} | {summary[f'ms_per_token_added{sfx}']:+.2f} | "
+        f"{summary[f'ttft_added_p50_ms_service_direct{sfx}']:+.1f} | "
+        f"{summary[f'ttft_added_paired_ms_service_direct{sfx}']:+.1f} | "
+        f"{summary[f'tokens_per_s_ratio_service_direct{sfx}']:.3f} |"
+        for concurrency, sfx in ((c, "" if c == 16 else f"_c{c}") for c in ROUNDS)
+    )
+    load = context["load_average"]
+    section = f"""{BEGIN}
+## Inference: Triton direct vs Generate through the platform (`make bench`, `bench/inference.py`)
+
+Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine["cpu"]}, {machine["cores"]} cores, {machine["memory"]};
+Python {machine["python"]}, Envoy {machine["envoy"]}. One tritonserver (SmolLM2-135M Q4_1 on llama.cpp,
+{LLAMA_SLOTS} slots x 1 thread, CPU), one inference server process, Envoy with 2 workers and the client all on
+the same cores. Load average (1 min) {load["start"]:.2f} before the run, {load["end"]:.2f} at its end (the bench's own
+processes make about 3-4 of that; the rest is other work on the machine).
+{context["max_tokens"]} tokens per stream, temperature 0, seed {SEED}, one chat prompt; the
+model is free in the bench's catalog, so no payment is verified. Streams per row = rounds x concurrency; paths
+take turns in every round. Identical text on every path: {context["same_text_on_every_path"]}. tritonserver
+crashed {len(context["triton_crashes"])} time(s) in this run (each crashed round was dropped and run again on a
+fresh Triton and stack; see the notes below).
+
+{CASE_HEADER}
+{rows}
+
+Added by the platform (via Envoy unless marked), against `triton_direct` at the same concurrency:
+
+{ADDED_HEADER}
+{added}
+
+- Targets at 16 streams through Envoy: added TTFT p50 **{summary["ttft_added_p50_ms"]:+.1f} ms** (goal <= 1 ms),
+  p99 **{summary["ttft_added_p99_ms"]:+.1f} ms** (goal <= 5 ms); tokens/s ratio **{summary["tokens_per_s_ratio"]:.3f}**
+  (goal >= 0.95).
+
+Figures as JSON: `bench/results/inference.json`.
+{END}"""
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    RESULTS_MD.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=32, help="completion tokens per stream")
+    parser.add_argument("--rounds", type=float, default=1.0, help="scale the rounds per concurrency (20, 5, 4)")
+    parser.add_argument("--max-restarts", type=int, default=10, help="Triton crashes tolerated (each round is redone)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="far-bench-inference-"))
+    embedded: list[EmbeddedServer] = []
+    server_url = os.environ.get("DATABASE_URL", "").strip()
+    if not server_url:
+        pg = start_postgres(work / "postgres")
+        embedded.append(pg)
+        server_url = pg.url
+    redis_url = os.environ.get("REDIS_URL", "").strip()
+    if not redis_url:
+        redis = ensure_redis(work / "redis")
+        embedded.append(redis)
+        redis_url = redis.url
+    database = f"far_bench_{secrets.token_hex(4)}"
+    asyncio.run(run_admin_statement(server_url, f'CREATE DATABASE "{database}"'))
+    catalog = work / "models.json"
+    catalog.write_text(
+        json.dumps([{"id": CHAT_MODEL, "context_length": 2048, "max_output_tokens": 1024, "free": True}])
+    )
+    load_start = os.getloadavg()[0]
+    code = _code_state()
+    env = {
+        "DATABASE_URL": with_database(server_url, database),
+        "REDIS_URL": redis_url,
+        "JWT_SECRET": JWT_SECRET,
+        "LOG_LEVEL": "warning",
+        "BSC_RPC_URL": "",
+        "INFERENCE_MODELS_FILE": str(catalog),
+        "INFERENCE_SLOTS_PER_MODEL": str(max(ROUNDS)),
+        "INFERENCE_MAX_QUEUE": "64",
+        "INFERENCE_MAX_JOBS_PER_ACCOUNT": str(4 * max(ROUNDS)),
+    }
+    token = TokenIssuer(JwtKeys("k1", {"k1": JWT_SECRET})).issue(ACCOUNT, ["user"], ttl_s=3600)
+    rig = Rig(work, env, token, _generate_request(args.tokens))
+    failed = True
+    try:
+        run_migrations(["inference"], env, log_path=work / "migrations.log")
+        cases, texts, crashes = asyncio.run(_measure(rig, args))
+        failed = False
+    finally:
+        asyncio.run(run_admin_statement(server_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        for server in embedded:
+            if server.started:
+                server.stop()
+        if failed:
+            print(f"bench: failed; the servers' logs are kept in {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    summary = _summary(cases)
+    context = {
+        "max_tokens": args.tokens,
+        "rounds": {str(c): max(1, round(r * args.rounds)) for c, r in ROUNDS.items()},
+        "llama_slots": LLAMA_SLOTS,
+        "load_average": {"start": load_start, "end": os.getloadavg()[0]},
+        "same_text_on_every_path": len({text for found in texts.values() for text in found}) == 1,
+        "triton_crashes": crashes,
+        "code": code,
+        "gpu": None,
+    }
+    _write_results(cases, summary, context, _machine())
+    print(json.dumps({**context, **summary}, indent=2))
+    print(f"written: {RESULTS_MD.relative_to(ROOT)}, {RESULTS_JSON.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
