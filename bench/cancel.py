@@ -20,9 +20,7 @@ import asyncio
 import json
 import os
 import re
-import secrets
 import statistics
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -32,13 +30,12 @@ import grpc
 from far.inference.v1 import inference_service_pb2 as pb
 from far.inference.v1 import inference_service_pb2_grpc, job_pb2
 
+from bench.scratch import scratch
 from devstack.processes import http_get
 from devstack.stack import run_migrations
 from gpu.triton import CHAT_MODEL, MODEL_REPOSITORY, TritonProcess
 from servers.common.auth import JwtKeys, TokenIssuer
 from servers.common.config import Settings
-from servers.common.db import run_admin_statement, with_database
-from servers.common.embedded import EmbeddedServer, ensure_redis, start_postgres
 from servers.common.server import start_server
 from servers.inference.server import make_spec
 
@@ -138,43 +135,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="far-bench-cancel-"))
-    embedded: list[EmbeddedServer] = []
-    server_url = os.environ.get("DATABASE_URL", "").strip()
-    if not server_url:
-        pg = start_postgres(work / "postgres")
-        embedded.append(pg)
-        server_url = pg.url
-    redis_url = os.environ.get("REDIS_URL", "").strip()
-    if not redis_url:
-        redis = ensure_redis(work / "redis")
-        embedded.append(redis)
-        redis_url = redis.url
-    database = f"far_bench_{secrets.token_hex(4)}"
-    asyncio.run(run_admin_statement(server_url, f'CREATE DATABASE "{database}"'))
-    env = {
-        "DATABASE_URL": with_database(server_url, database),
-        "REDIS_URL": redis_url,
-        "REDIS_KEY_PREFIX": f"far-bench-{secrets.token_hex(4)}:",
-        "JWT_SECRET": JWT_SECRET,
-        "JWT_KEY_ID": "k1",
-        "LOG_LEVEL": "warning",
-        "FAR_DATA_DIR": str(work),
-    }
-    triton = None
-    try:
-        run_migrations(["inference"], env, log_path=work / "migrations.log")
+    with scratch("cancel") as run:
+        env = run.env(JWT_SECRET=JWT_SECRET, JWT_KEY_ID="k1", LOG_LEVEL="warning", FAR_DATA_DIR=str(run.work))
+        run_migrations(["inference"], env, log_path=run.work / "migrations.log")
         triton = TritonProcess.start(
-            MODEL_REPOSITORY, work / "triton", load_models=[CHAT_MODEL], env={"FAR_LLAMA_SLOTS": "1"}
+            MODEL_REPOSITORY, run.work / "triton", load_models=[CHAT_MODEL], env={"FAR_LLAMA_SLOTS": "1"}
         )
-        results = asyncio.run(_measure(env, triton, args.rounds))
-    finally:
-        if triton is not None:
+        try:
+            results = asyncio.run(_measure(env, triton, args.rounds))
+        finally:
             triton.stop()
-        asyncio.run(run_admin_statement(server_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        for server in embedded:
-            if server.started:
-                server.stop()
     figures = {
         name: {
             "p50": statistics.median(r[name] for r in results),

@@ -30,7 +30,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,10 +38,9 @@ import grpc
 from far.gamed.v1 import build_pb2, game_pb2, gamed_service_pb2, gamed_service_pb2_grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from bench.scratch import scratch
 from devstack.stack import Stack, run_migrations
 from servers.common.auth import JwtKeys, TokenIssuer
-from servers.common.db import run_admin_statement, with_database
-from servers.common.embedded import EmbeddedServer, ensure_redis, start_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
@@ -359,39 +357,13 @@ def main() -> int:
         print("bench: h2load is missing; install Debian's nghttp2-client (apt-get install nghttp2-client)")
         return 2
 
-    work = Path(tempfile.mkdtemp(prefix="far-bench-"))
-    embedded: list[EmbeddedServer] = []
-    server_url = os.environ.get("DATABASE_URL", "").strip()
-    if not server_url:
-        pg = start_postgres(work / "postgres")
-        embedded.append(pg)
-        server_url = pg.url
-    redis_url = os.environ.get("REDIS_URL", "").strip()
-    if not redis_url:
-        redis = ensure_redis(work / "redis")
-        embedded.append(redis)
-        redis_url = redis.url
-    database = f"far_bench_{secrets.token_hex(4)}"
-    asyncio.run(run_admin_statement(server_url, f'CREATE DATABASE "{database}"'))
-    env = {
-        "DATABASE_URL": with_database(server_url, database),
-        "REDIS_URL": redis_url,
-        "REDIS_KEY_PREFIX": f"far-bench-{secrets.token_hex(4)}:",
-        "JWT_SECRET": JWT_SECRET,
-        "LOG_LEVEL": "warning",
-    }
-    try:
-        run_migrations(["gamed"], env, log_path=work / "migrations.log")
-        with Stack(["gamed"], env=env, run_dir=work / "stack", metrics=False) as stack:
+    with scratch("edge") as run:
+        env = run.env(JWT_SECRET=JWT_SECRET, LOG_LEVEL="warning")
+        run_migrations(["gamed"], env, log_path=run.work / "migrations.log")
+        with Stack(["gamed"], env=env, run_dir=run.work / "stack", metrics=False) as stack:
             token = TokenIssuer(JwtKeys("k1", {"k1": JWT_SECRET})).issue(PUBLISHER, ["publisher"])
             asyncio.run(_seed(stack.grpc_target("gamed"), stack.client_credentials("service", "bench"), token))
-            cases = _measure(stack, args, work)
-    finally:
-        asyncio.run(run_admin_statement(server_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        for server in embedded:
-            if server.started:
-                server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+            cases = _measure(stack, args, run.work)
 
     def pick(method: str, path: str, concurrency: int) -> Case:
         return next(c for c in cases if (c.method, c.path, c.concurrency) == (method, path, concurrency))

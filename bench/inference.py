@@ -32,11 +32,9 @@ import os
 import platform
 import re
 import secrets
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 from collections import defaultdict
@@ -53,11 +51,10 @@ from far.inference.v1 import inference_service_pb2_grpc, job_pb2
 from tritonclient.grpc import InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 
+from bench.scratch import scratch
 from devstack.stack import Stack, run_migrations
 from gpu.triton import CHAT_MODEL, MODEL_REPOSITORY, SHM_DIR, TritonProcess, _stub_shm_regions
 from servers.common.auth import JwtKeys, TokenIssuer
-from servers.common.db import run_admin_statement, with_database
-from servers.common.embedded import EmbeddedServer, ensure_redis, start_postgres
 from servers.inference.requests import generation_from
 from servers.inference.triton_stream import OUTPUTS, build_inputs
 
@@ -591,53 +588,26 @@ def main() -> int:
     parser.add_argument("--max-restarts", type=int, default=10, help="Triton crashes tolerated (each round is redone)")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="far-bench-inference-"))
-    embedded: list[EmbeddedServer] = []
-    server_url = os.environ.get("DATABASE_URL", "").strip()
-    if not server_url:
-        pg = start_postgres(work / "postgres")
-        embedded.append(pg)
-        server_url = pg.url
-    redis_url = os.environ.get("REDIS_URL", "").strip()
-    if not redis_url:
-        redis = ensure_redis(work / "redis")
-        embedded.append(redis)
-        redis_url = redis.url
-    database = f"far_bench_{secrets.token_hex(4)}"
-    asyncio.run(run_admin_statement(server_url, f'CREATE DATABASE "{database}"'))
-    catalog = work / "models.json"
-    catalog.write_text(
-        json.dumps([{"id": CHAT_MODEL, "context_length": 2048, "max_output_tokens": 1024, "free": True}])
-    )
     load_start = os.getloadavg()[0]
     code = _code_state()
-    env = {
-        "DATABASE_URL": with_database(server_url, database),
-        "REDIS_URL": redis_url,
-        "JWT_SECRET": JWT_SECRET,
-        "LOG_LEVEL": "warning",
-        "BSC_RPC_URL": "",
-        "INFERENCE_MODELS_FILE": str(catalog),
-        "INFERENCE_SLOTS_PER_MODEL": str(max(ROUNDS)),
-        "INFERENCE_MAX_QUEUE": "64",
-        "INFERENCE_MAX_JOBS_PER_ACCOUNT": str(4 * max(ROUNDS)),
-    }
-    token = TokenIssuer(JwtKeys("k1", {"k1": JWT_SECRET})).issue(ACCOUNT, ["user"], ttl_s=3600)
-    rig = Rig(work, env, token, _generate_request(args.tokens))
-    failed = True
-    try:
-        run_migrations(["inference"], env, log_path=work / "migrations.log")
+    with scratch("inference") as run:
+        catalog = run.work / "models.json"
+        catalog.write_text(
+            json.dumps([{"id": CHAT_MODEL, "context_length": 2048, "max_output_tokens": 1024, "free": True}])
+        )
+        env = run.env(
+            JWT_SECRET=JWT_SECRET,
+            LOG_LEVEL="warning",
+            BSC_RPC_URL="",
+            INFERENCE_MODELS_FILE=str(catalog),
+            INFERENCE_SLOTS_PER_MODEL=str(max(ROUNDS)),
+            INFERENCE_MAX_QUEUE="64",
+            INFERENCE_MAX_JOBS_PER_ACCOUNT=str(4 * max(ROUNDS)),
+        )
+        token = TokenIssuer(JwtKeys("k1", {"k1": JWT_SECRET})).issue(ACCOUNT, ["user"], ttl_s=3600)
+        rig = Rig(run.work, env, token, _generate_request(args.tokens))
+        run_migrations(["inference"], env, log_path=run.work / "migrations.log")
         cases, texts, crashes = asyncio.run(_measure(rig, args))
-        failed = False
-    finally:
-        asyncio.run(run_admin_statement(server_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        for server in embedded:
-            if server.started:
-                server.stop()
-        if failed:
-            print(f"bench: failed; the servers' logs are kept in {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
     summary = _summary(cases)
     context = {
