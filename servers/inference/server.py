@@ -102,7 +102,7 @@ async def _listen_for_cancels(runtime: Runtime, streams: TokenStreams, runner: R
             job, _, reason = message["data"].decode().partition(" ")
             runner.cancel(job, reason or "JOB_CANCELLED")
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # untyped before redis 8.2
 
 
 def make_spec(environ: Mapping[str, str] | None = None) -> ServiceSpec:
