@@ -160,18 +160,33 @@ class Settings:
             traces_exporter=env.choice("OTEL_TRACES_EXPORTER", "none", ("none", "console", "otlp")),
             drain_delay_s=env.number("DRAIN_DELAY_SECONDS", 0.5),
             shutdown_grace_s=env.number("SHUTDOWN_GRACE_SECONDS", 5.0),
-            tls=_server_tls(env),
+            tls=_server_tls(env, grpc_listen),
         )
 
 
 TLS_VARIABLES = ("GRPC_TLS_CERT_FILE", "GRPC_TLS_KEY_FILE", "GRPC_TLS_CLIENT_CA_FILE")
 
 
-def _server_tls(env: Env) -> ServerTls | None:
-    """The server's certificate, key and client CA from GRPC_TLS_*: all three or none (plaintext)."""
+LOOPBACK_HOSTS = frozenset({"localhost", "::1", "[::1]"})
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].lower()
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _server_tls(env: Env, grpc_listen: str) -> ServerTls | None:
+    """The server's certificate, key and client CA from GRPC_TLS_*: all three, or none for plaintext, which a
+    server serves only on a loopback address unless GRPC_ALLOW_PLAINTEXT=true says a sidecar does the TLS."""
     paths = {name: env.text(name) for name in TLS_VARIABLES}
     given = [name for name, value in paths.items() if value]
     if not given:
+        allowed = env.choice("GRPC_ALLOW_PLAINTEXT", "false", ("true", "false")) == "true"
+        if not allowed and not is_loopback(grpc_listen):
+            raise ConfigError(
+                f"GRPC_LISTEN={grpc_listen} is reachable from other machines, so the server needs mTLS: set "
+                f"{', '.join(TLS_VARIABLES)} (or GRPC_ALLOW_PLAINTEXT=true where a sidecar terminates mTLS)"
+            )
         return None
     if len(given) < len(TLS_VARIABLES):
         missing = ", ".join(name for name in TLS_VARIABLES if name not in given)

@@ -57,6 +57,7 @@ class TestDefaults:
         s = settings(
             SERVICE_NAME="gamed-canary",
             GRPC_LISTEN="0.0.0.0:0",
+            GRPC_ALLOW_PLAINTEXT="true",
             METRICS_LISTEN="127.0.0.1:9100",
             READY_FILE=str(tmp_path / "ready.json"),
             DATABASE_URL="postgresql://far@db:5432/far",
@@ -173,7 +174,21 @@ class TestMalformedValues:
 
     @pytest.mark.parametrize("listen", ["[::]:50056", "0.0.0.0:0", "localhost:65535", "unix-host.internal:1"])
     def test_listen_address_forms(self, listen: str) -> None:
-        assert settings(GRPC_LISTEN=listen).grpc_listen == listen
+        assert settings(GRPC_LISTEN=listen, GRPC_ALLOW_PLAINTEXT="true").grpc_listen == listen
+
+    @pytest.mark.parametrize("listen", ["127.0.0.1:0", "127.0.0.2:50056", "localhost:1", "[::1]:50056"])
+    def test_plaintext_on_loopback(self, listen: str) -> None:
+        assert settings(GRPC_LISTEN=listen).tls is None
+
+    @pytest.mark.parametrize("listen", ["0.0.0.0:50056", "[::]:50056", "10.0.0.7:50056", "gamed.internal:50056"])
+    def test_plaintext_beyond_loopback_is_refused(self, listen: str) -> None:
+        message = config_error(JWT_SECRET=SECRET, GRPC_LISTEN=listen)
+        assert message.startswith(f"GRPC_LISTEN={listen} is reachable from other machines, so the server needs mTLS")
+        assert settings(GRPC_LISTEN=listen, GRPC_ALLOW_PLAINTEXT="true").tls is None
+
+    def test_allow_plaintext_is_true_or_false(self) -> None:
+        message = config_error(JWT_SECRET=SECRET, GRPC_ALLOW_PLAINTEXT="yes")
+        assert message.startswith("GRPC_ALLOW_PLAINTEXT='yes' must be one of true, false")
 
     def test_metrics_listen_empty_turns_it_off(self) -> None:
         assert settings(METRICS_LISTEN="").metrics_listen is None
