@@ -1,6 +1,7 @@
 """The edge's security, each case a real request through Envoy: tokens refused by jwt_authn (missing, expired,
-bad signature, alg none, wrong audience, in the query string), the same over gRPC, and what only the services
-can refuse (a revoked token, a role escalation, another account's session)."""
+bad signature, alg none, wrong audience, in the query string), the same over gRPC, what only the services
+can refuse (a revoked token, a role escalation, another account's session), and sign-in messages the auth
+service refuses (a replayed nonce, a message rewritten for another domain or another chain)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import httpx
 import jwt
 import pytest
 from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_account.signers.local import LocalAccount
 from far.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from far.gamed.v1 import game_pb2, gamed_service_pb2, gamed_service_pb2_grpc
 from google.protobuf import json_format
@@ -21,7 +24,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from devstack.stack import Stack
 from tests.conftest import wallet
-from tests.e2e.test_auth_e2e import headers, sign_in
+from tests.e2e.test_auth_e2e import DOMAIN, URI, headers, sign_in
 
 pytestmark = pytest.mark.e2e
 
@@ -189,3 +192,77 @@ class TestWhatOnlyTheServicesRefuse:
             )
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
         assert http.get("/v1/accounts/me", headers=headers(victim)).status_code == 200
+
+
+def personal_sign(account: LocalAccount, message: str) -> str:
+    return Account.sign_message(encode_defunct(text=message), account.key).signature.to_0x_hex()
+
+
+def challenge_message(http: httpx.Client, account: LocalAccount) -> str:
+    response = http.post(
+        "/v1/challenges", json={"walletAddress": account.address, "chainId": "97", "domain": DOMAIN, "uri": URI}
+    )
+    assert response.status_code == 200, response.text
+    message: str = response.json()["message"]
+    return message
+
+
+def rewritten(message: str, old: str, new: str) -> str:
+    assert old in message
+    return message.replace(old, new, 1)
+
+
+class TestSignInMessagesRefused:
+    def sign_in(self, http: httpx.Client, account: LocalAccount, message: str) -> httpx.Response:
+        return http.post("/v1/sessions:signIn", json={"message": message, "signature": personal_sign(account, message)})
+
+    def test_replayed_nonce(self, http: httpx.Client) -> None:
+        account = Account.create()
+        message = challenge_message(http, account)
+        first = self.sign_in(http, account, message)
+        assert first.status_code == 200, first.text
+        replayed = self.sign_in(http, account, message)
+        assert replayed.status_code == 401, replayed.text
+        assert edge_error(replayed) == (16, "CHALLENGE_NOT_FOUND", "auth.far.network")
+
+    @pytest.mark.parametrize(
+        ("domain", "uri"),
+        [
+            # A phishing site has the wallet sign the platform's challenge rewritten for its own domain.
+            ("evil.example", "https://evil.example/login"),
+            # Another of the platform's own sign-in domains, but not the one the challenge was issued for.
+            ("localhost:8080", "http://localhost:8080/login"),
+        ],
+    )
+    def test_message_rewritten_for_another_domain(self, http: httpx.Client, domain: str, uri: str) -> None:
+        account = Account.create()
+        message = challenge_message(http, account)
+        message = rewritten(message, f"{DOMAIN} wants you", f"{domain} wants you")
+        message = rewritten(message, f"URI: {URI}", f"URI: {uri}")
+        refused = self.sign_in(http, account, message)
+        assert refused.status_code == 401, refused.text
+        assert edge_error(refused) == (16, "DOMAIN_MISMATCH", "auth.far.network")
+
+    def test_challenge_for_another_domain_is_not_issued(self, http: httpx.Client) -> None:
+        refused = http.post(
+            "/v1/challenges",
+            json={
+                "walletAddress": Account.create().address,
+                "chainId": "97",
+                "domain": "evil.example",
+                "uri": "https://evil.example/login",
+            },
+        )
+        assert refused.status_code == 400, refused.text
+        assert edge_error(refused) == (3, "DOMAIN_NOT_ALLOWED", "auth.far.network")
+
+    @pytest.mark.parametrize("chain_id", ["1", "56"])
+    def test_message_rewritten_for_another_chain(self, http: httpx.Client, chain_id: str) -> None:
+        # The stack signs in on BSC testnet (97) only: BSC mainnet's and Ethereum's ids are refused.
+        account = Account.create()
+        message = rewritten(challenge_message(http, account), "Chain ID: 97", f"Chain ID: {chain_id}")
+        refused = self.sign_in(http, account, message)
+        assert refused.status_code == 401, refused.text
+        assert edge_error(refused) == (16, "CHAIN_MISMATCH", "auth.far.network")
+        # The refused sign-in consumed nothing a later honest one needs: a fresh challenge still works.
+        assert sign_in(http, account)["account"]["walletAddress"].lower() == account.address.lower()

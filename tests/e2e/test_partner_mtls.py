@@ -239,7 +239,6 @@ def buf_curl(
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, cwd=catalog.ROOT)
 
 
-@pytest.mark.skipif(not BUF.exists(), reason="no node_modules/.bin/buf (npm install)")
 class TestBufCurl:
     def test_partner_call_over_mtls(self, edge: Stack, pki: DevPki) -> None:
         body = {"name": "tournaments/mtls", "requestId": SUBMIT.request_id, "wallet": PLAYER, "score": "42"}

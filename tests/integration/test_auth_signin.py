@@ -11,6 +11,7 @@ import pytest
 from far.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from redis.asyncio import Redis
 
 from servers.auth import siwe
 from servers.common.auth import JwtKeys
@@ -85,6 +86,20 @@ class TestCreateChallenge:
         )
         parsed = siwe.parse_message(issued.message)
         assert (parsed.domain, parsed.uri, parsed.chain_id, parsed.nonce) == (DOMAIN, URI, CHAIN_ID, issued.nonce)
+
+    async def test_the_nonce_lives_in_redis_until_the_challenge_expires(
+        self, auth_api: Stub, redis_client: Redis, redis_key_prefix: str
+    ) -> None:
+        issued = await auth_api.CreateChallenge(request())
+        key = f"{redis_key_prefix}auth:challenge:{issued.nonce}"
+        ttl_ms = await redis_client.pttl(key)
+        remaining = (issued.expire_time.ToDatetime(UTC) - datetime.now(UTC)).total_seconds() * 1000
+        assert 0 < ttl_ms <= 300_000
+        assert abs(ttl_ms - remaining) < 2_000, (ttl_ms, remaining)
+        account = new_wallet()
+        own = await challenge(auth_api, account)
+        await auth_api.SignIn(sign_in_request(own.message, sign(account, own.message)))
+        assert await redis_client.exists(f"{redis_key_prefix}auth:challenge:{own.nonce}") == 0
 
     async def test_each_challenge_has_its_own_nonce(self, auth_api: Stub) -> None:
         account = new_wallet()
