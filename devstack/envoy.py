@@ -536,8 +536,8 @@ WEB_HTTP_FILTERS: tuple[HttpFilterFn, ...] = (
 def _access_metadata(service: Service, ctx: RenderContext) -> Json:
     """Who may call each method, from the contract's `(far.api.v1.access)` options, as route metadata.
 
-    Informational for now: the servers enforce the declarations (servers/common/access.py); jwt_authn
-    rules will be rendered from the same data.
+    Informational, for whoever reads the route table: the servers enforce the declarations
+    (servers/common/access.py) and jwt_authn's rules are rendered from the same data (`jwt_rules`).
     """
     described = ctx.described.get(service.service_name)
     if described is None:
