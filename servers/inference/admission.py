@@ -6,6 +6,10 @@ RetryInfo, HTTP 429 through Envoy), else add the job to the account's set and to
 job's position. A job leaves the queue when someone *claims* it: `XDEL` of its entry returns 1 to exactly
 one claimer, whether that is a dispatcher that read it through the group (`take`) or the replica that
 admitted it and has a free slot right now (`claim`, the fast path with no cross-replica hop).
+
+An entry a dispatcher read but never claimed (it died while it waited for a slot) stays pending in the group,
+never delivered again to `>` readers: `read` takes such entries over first (`XAUTOCLAIM`) once they have been
+pending `reclaim_after_s`. Reading one twice is harmless: only one claim of it succeeds.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ class Limits:
     """Unfinished (queued or running) jobs per account; more is TOO_MANY_JOBS."""
     job_timeout_s: int = 900
     """The longest a job may stay counted against its account (a crashed replica's jobs age out)."""
+    reclaim_after_s: float = 30.0
+    """How long an entry may stay read but unclaimed before another dispatcher takes it over."""
 
 
 class Admission:
@@ -153,14 +159,27 @@ class Admission:
         a dispatcher reads a job when a slot looks free, then waits for the slot, then claims it.
         """
         key = self.queue_key(model)
-        answer: Any = await self._redis.xreadgroup(GROUP, consumer, {key: ">"}, count=1, block=block_ms)
-        if not answer:
-            return None
-        for entry_id, fields in answer[0][1]:
+        reclaimed = await self._reclaim(key, consumer)
+        if reclaimed:
+            entries = reclaimed
+        else:
+            answer: Any = await self._redis.xreadgroup(GROUP, consumer, {key: ">"}, count=1, block=block_ms)
+            if not answer:
+                return None
+            entries = answer[0][1]
+        for entry_id, fields in entries:
             if fields:  # empty for an entry withdrawn (deleted) after it was delivered
                 return Ticket(model, _text(fields[b"job"]), _text(entry_id), 1)
             await self._redis.xack(key, GROUP, entry_id)
         return None
+
+    async def _reclaim(self, key: str, consumer: str) -> list[Any]:
+        """The oldest entry read by a dispatcher that has not claimed it for `reclaim_after_s`, now ours."""
+        min_idle_ms = max(1, int(self.limits.reclaim_after_s * 1000))
+        answer: Any = await self._redis.xautoclaim(key, GROUP, consumer, min_idle_ms, start_id="0-0", count=1)
+        # [next start, [(id, fields)], deleted ids (Redis 7+)]; an entry deleted meanwhile has no fields.
+        entries: list[Any] = [(entry_id, fields) for entry_id, fields in answer[1] if fields]
+        return entries
 
     async def take(self, model: str, consumer: str, *, block_ms: int) -> str | None:
         """Read and claim the next waiting job at once (None when none came, or another claimer won)."""

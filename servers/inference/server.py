@@ -143,6 +143,7 @@ async def _setup(server: grpc.aio.Server, runtime: Runtime, environ: Mapping[str
     limits = Limits(
         max_queue=env.integer("INFERENCE_MAX_QUEUE", 64, minimum=1),
         max_unfinished_per_account=env.integer("INFERENCE_MAX_JOBS_PER_ACCOUNT", 4, minimum=1),
+        reclaim_after_s=env.number("INFERENCE_RECLAIM_AFTER_S", 30.0, minimum=0.1),
     )
     admission = Admission(runtime.redis, prefix, limits)
     streams = TokenStreams(runtime.redis, prefix)

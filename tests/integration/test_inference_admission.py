@@ -89,3 +89,31 @@ async def test_dispatchers_share_the_queue_in_order_without_duplicates(admission
     await asyncio.gather(dispatcher("d1"), dispatcher("d2"), dispatcher("d3"))
     assert sorted(won) == jobs
     assert await admission.take(MODEL, "d1", block_ms=10) is None
+
+
+async def test_a_job_read_by_a_dispatcher_that_died_is_taken_over(admission: Admission) -> None:
+    admission.limits = Limits(max_queue=3, max_unfinished_per_account=3, reclaim_after_s=0.3)
+    first = await admission.admit(MODEL, "orphan", "carol")
+    await admission.admit(MODEL, "next", "carol")
+    read = await admission.read(MODEL, "dead", block_ms=100)  # read, then its replica dies before the claim
+    assert read is not None
+    assert (read.job, read.entry) == ("orphan", first.entry)
+    # While it may still be waiting for a slot, the entry is its reader's: others get the next job.
+    assert await admission.take(MODEL, "alive", block_ms=100) == "next"
+    assert await admission.take(MODEL, "alive", block_ms=100) is None
+    assert await admission.position(first) == 1  # still waiting, still counted
+    await asyncio.sleep(0.4)
+    assert await admission.take(MODEL, "alive", block_ms=100) == "orphan"
+    assert await admission.position(first) == 0
+    assert await admission.length(MODEL) == 0
+    # The dead reader's claim (had it only been slow) now loses: the job runs once.
+    assert not await admission.claim(read)
+
+
+async def test_a_withdrawn_entry_is_not_taken_over(admission: Admission) -> None:
+    admission.limits = Limits(max_queue=3, max_unfinished_per_account=3, reclaim_after_s=0.1)
+    ticket = await admission.admit(MODEL, "gone", "dave")
+    assert await admission.read(MODEL, "dead", block_ms=100) is not None
+    assert await admission.withdraw(ticket, "dave")  # cancelled while its reader waited
+    await asyncio.sleep(0.2)
+    assert await admission.take(MODEL, "alive", block_ms=100) is None
