@@ -1,6 +1,6 @@
 """What the platform adds to a token stream: Triton straight from tritonclient vs Generate through the service.
 
-    python -m bench.inference [--tokens 32] [--rounds 1.0]      (make bench)
+    python -m bench.inference [--tokens 32] [--rounds 1.0] [--placement shared|split|both]      (make bench)
 
 One run, one machine, one tritonserver (SmolLM2-135M on llama.cpp, 4 slots x 1 thread, gpu/models) and three
 ways to stream the same generation from it, each 1, 4 and 16 streams at a time:
@@ -20,12 +20,19 @@ the inference server, Envoy, Triton and (when they are local TCP servers) Postgr
 process times over the rounds of each path. tritonserver's Python backend can crash under 16 concurrent streams
 (bench/RESULTS.md): a round it crashed in is dropped and run again on a fresh Triton and stack, and the crashes
 are recorded. Figures go to bench/results/inference.json and to the inference section of bench/RESULTS.md.
+
+Placements (both by default, one after the other): `shared` lets every process run on every core, so the model
+and the platform take CPU from each other; `split` pins Triton (and so its stub and llama.cpp's threads) to CPU 1
+and the server, Envoy and the client to CPU 0, as a deployment puts the model on a GPU node of its own. The
+platform's cost per token and per job is the same in both; what differs is whether it is paid out of the model's
+CPU. The CPUs each process was allowed are recorded with the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -88,6 +95,34 @@ LLAMA_SLOTS = 4
 STORES = {"postgres": "DATABASE_URL", "redis": "REDIS_URL"}
 # A round of 16 streams takes seconds; one that takes this long is stuck (the model's stub died).
 ROUND_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which CPUs the model and the platform run on: all shared, or the model on CPUs of its own."""
+
+    name: str
+    model_cpus: frozenset[int] | None
+    """None: every process may run on every CPU."""
+    platform_cpus: frozenset[int] | None
+    description: str
+
+
+SHARED = Placement(
+    "shared",
+    None,
+    None,
+    "Triton, the inference server, Envoy, the client and the stores all share every core",
+)
+SPLIT = Placement(
+    "split",
+    frozenset({1}),
+    frozenset({0}),
+    "Triton (tritonserver, its Python stub and llama.cpp's threads) pinned to CPU 1; the inference server, "
+    "Envoy and the client pinned to CPU 0 (PostgreSQL and Redis are system services, not pinned): the model "
+    "has hardware of its own, as on a GPU node",
+)
+PLACEMENTS = {p.name: p for p in (SHARED, SPLIT)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +245,7 @@ class Processes:
     here (they serve other clients too: their figures hold only on an otherwise idle machine)."""
 
     def __init__(self, pids: Mapping[str, int]) -> None:
+        self.pids = dict(pids)
         self._procs = {name: psutil.Process(pid) for name, pid in pids.items()}
 
     def cpu_s(self) -> dict[str, float]:
@@ -294,8 +330,11 @@ class TritonCrashed(RuntimeError):
 class Rig:
     """Triton, the inference server and Envoy, with a client for each path; started again after a Triton crash."""
 
-    def __init__(self, work: Path, env: Mapping[str, str], token: str, request: pb.GenerateRequest) -> None:
+    def __init__(
+        self, work: Path, env: Mapping[str, str], token: str, request: pb.GenerateRequest, placement: Placement
+    ) -> None:
         self._work = work
+        self.placement = placement
         self._env = env
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._request = request
@@ -311,12 +350,20 @@ class Rig:
     def start(self) -> None:
         self.starts += 1
         run = self._work / f"run-{self.starts}"
-        self.triton = TritonProcess.start(
-            MODEL_REPOSITORY,
-            run / "triton",
-            load_models=[CHAT_MODEL],
-            env={"FAR_LLAMA_SLOTS": str(LLAMA_SLOTS), "FAR_LLAMA_THREADS": "1"},
-        )
+        # A child process inherits the CPU affinity of the thread that starts it: Triton (and every thread and
+        # process it makes) gets the model's CPUs, what starts after it the platform's.
+        if self.placement.model_cpus is not None:
+            os.sched_setaffinity(0, self.placement.model_cpus)
+        try:
+            self.triton = TritonProcess.start(
+                MODEL_REPOSITORY,
+                run / "triton",
+                load_models=[CHAT_MODEL],
+                env={"FAR_LLAMA_SLOTS": str(LLAMA_SLOTS), "FAR_LLAMA_THREADS": "1"},
+            )
+        finally:
+            if self.placement.platform_cpus is not None:
+                os.sched_setaffinity(0, self.placement.platform_cpus)
         # TritonProcess.stop frees the stub's shared memory only while the stub lives; after a crash, we do.
         self._shm = _stub_shm_regions(self.triton.pid)
         env = {
@@ -399,8 +446,11 @@ def _died(triton: TritonProcess, within_s: float) -> bool:
     return True
 
 
-async def _measure(rig: Rig, args: argparse.Namespace) -> tuple[list[Case], dict[str, list[str]], list[str]]:
-    """Warm up, then every concurrency's rounds; returns the cases, each path's distinct texts, the crashes."""
+async def _measure(
+    rig: Rig, args: argparse.Namespace
+) -> tuple[list[Case], dict[str, list[str]], list[str], dict[str, list[int]]]:
+    """Warm up, then every concurrency's rounds; returns the cases, each path's distinct texts, the crashes and
+    the CPUs the measured processes were allowed (after the warm-up: every llama thread exists by then)."""
     texts: dict[str, list[str]] = defaultdict(list)
     crashes: list[str] = []
 
@@ -432,6 +482,7 @@ async def _measure(rig: Rig, args: argparse.Namespace) -> tuple[list[Case], dict
     try:
         rig.start()
         await _warm_up(rig)  # a crash here fails the run: Triton was too busy to be measured at all
+        affinity = _affinities(rig)
         cases: list[Case] = []
         for concurrency, rounds in ROUNDS.items():
             tallies = {path: Tally() for path in PATHS}
@@ -449,7 +500,7 @@ async def _measure(rig: Rig, args: argparse.Namespace) -> tuple[list[Case], dict
                     f"{case.ms_per_token:5.2f} ms/token  ({case.streams} streams)",
                     flush=True,
                 )
-        return cases, texts, crashes
+        return cases, texts, crashes, affinity
     finally:
         await rig.stop()
 
@@ -507,23 +558,88 @@ def _machine() -> dict[str, str]:
     }
 
 
-def _write_results(
-    cases: list[Case], summary: dict[str, Any], context: dict[str, Any], machine: dict[str, str]
-) -> None:
+@dataclass
+class Measured:
+    """One placement's run: its cases, the summary figures and the context they were measured in."""
+
+    placement: Placement
+    cases: list[Case]
+    summary: dict[str, Any]
+    context: dict[str, Any]
+
+
+def _affinities(rig: Rig) -> dict[str, list[int]]:
+    """The CPUs each measured process (and Triton's children) may run on, as the kernel reports them."""
+    assert rig.processes is not None
+    assert rig.triton is not None
+    found: dict[str, list[int]] = {}
+    for name, pid in rig.processes.pids.items():
+        with contextlib.suppress(psutil.Error):
+            found[name] = sorted(psutil.Process(pid).cpu_affinity() or [])
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(rig.triton.pid).children(recursive=True):
+            found[f"triton child {child.name()}"] = sorted(child.cpu_affinity() or [])
+    return found
+
+
+def _headline(measured: list[Measured]) -> Measured:
+    """The figures the JSON's top-level keys carry: the split placement when it ran (the model on hardware of its
+    own, as deployed), else the shared one."""
+    return next((m for m in measured if m.placement is SPLIT), measured[0])
+
+
+def _write_results(measured: list[Measured], machine: dict[str, str]) -> None:
+    headline = _headline(measured)
     RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_JSON.write_text(
         json.dumps(
             {
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
                 "machine": machine,
-                **context,
-                **summary,
-                "cases": [asdict(case) for case in cases],
+                "headline_placement": headline.placement.name,
+                **headline.summary,
+                "placements": {
+                    m.placement.name: {
+                        "description": m.placement.description,
+                        **m.context,
+                        **m.summary,
+                        "cases": [asdict(case) for case in m.cases],
+                    }
+                    for m in measured
+                },
             },
             indent=2,
         )
         + "\n"
     )
+    sections = "\n\n".join(_placement_section(m) for m in measured)
+    section = f"""{BEGIN}
+## Inference: Triton direct vs Generate through the platform (`make bench`, `bench/inference.py`)
+
+Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine["cpu"]}, {machine["cores"]} cores, {machine["memory"]};
+Python {machine["python"]}, Envoy {machine["envoy"]}. One tritonserver (SmolLM2-135M Q4_1 on llama.cpp,
+{LLAMA_SLOTS} slots x 1 thread, CPU), one inference server process, Envoy with 2 workers; every figure is
+Triton direct against the platform on the same Triton in the same run. {headline.context["max_tokens"]} tokens
+per stream, temperature 0, seed {SEED}, one chat prompt; the model is free in the bench's catalog, so no payment
+is verified. Streams per row = rounds x concurrency; paths take turns in every round. Two placements, one after
+the other: **shared** (everything on both cores) and **split** (the model on a core of its own, as on a GPU
+node, where the model never shares the platform's CPUs). `bench/results/inference.json` carries both; its
+top-level keys are the **{headline.placement.name}** placement's.
+
+{sections}
+
+Figures as JSON: `bench/results/inference.json`.
+{END}"""
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    RESULTS_MD.write_text(text)
+
+
+def _placement_section(m: Measured) -> str:
+    cases, summary, context = m.cases, m.summary, m.context
 
     def ms(value: float | None, digits: int = 2) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
@@ -545,19 +661,15 @@ def _write_results(
         for concurrency, sfx in ((c, "" if c == 16 else f"_c{c}") for c in ROUNDS)
     )
     load = context["load_average"]
-    section = f"""{BEGIN}
-## Inference: Triton direct vs Generate through the platform (`make bench`, `bench/inference.py`)
 
-Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine["cpu"]}, {machine["cores"]} cores, {machine["memory"]};
-Python {machine["python"]}, Envoy {machine["envoy"]}. One tritonserver (SmolLM2-135M Q4_1 on llama.cpp,
-{LLAMA_SLOTS} slots x 1 thread, CPU), one inference server process, Envoy with 2 workers and the client all on
-the same cores. Load average (1 min) {load["start"]:.2f} before the run, {load["end"]:.2f} at its end (the bench's own
-processes make about 3-4 of that; the rest is other work on the machine).
-{context["max_tokens"]} tokens per stream, temperature 0, seed {SEED}, one chat prompt; the
-model is free in the bench's catalog, so no payment is verified. Streams per row = rounds x concurrency; paths
-take turns in every round. Identical text on every path: {context["same_text_on_every_path"]}. tritonserver
-crashed {len(context["triton_crashes"])} time(s) in this run (each crashed round was dropped and run again on a
-fresh Triton and stack; see the notes below).
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    return f"""### Placement `{m.placement.name}`: {m.placement.description}
+
+Load average (1 min) {load["start"]:.2f} before, {load["end"]:.2f} after. Identical text on every path:
+{context["same_text_on_every_path"]}. tritonserver crashed {len(context["triton_crashes"])} time(s) (each crashed
+round was dropped and run again on a fresh Triton and stack).
 
 {CASE_HEADER}
 {rows}
@@ -567,18 +679,10 @@ Added by the platform (via Envoy unless marked), against `triton_direct` at the 
 {ADDED_HEADER}
 {added}
 
-- Targets at 16 streams through Envoy: added TTFT p50 **{summary["ttft_added_p50_ms"]:+.1f} ms** (goal <= 1 ms),
-  p99 **{summary["ttft_added_p99_ms"]:+.1f} ms** (goal <= 5 ms); tokens/s ratio **{summary["tokens_per_s_ratio"]:.3f}**
-  (goal >= 0.95).
-
-Figures as JSON: `bench/results/inference.json`.
-{END}"""
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS_MD.write_text(text)
+- Targets at 16 streams through Envoy: added TTFT p50 **{summary["ttft_added_p50_ms"]:+.1f} ms** (goal <= 1 ms:
+  {verdict(summary["ttft_added_p50_ms"] <= 1)}), p99 **{summary["ttft_added_p99_ms"]:+.1f} ms** (goal <= 5 ms:
+  {verdict(summary["ttft_added_p99_ms"] <= 5)}); tokens/s ratio **{summary["tokens_per_s_ratio"]:.3f}** (goal >= 0.95:
+  {verdict(summary["tokens_per_s_ratio"] >= 0.95)})."""
 
 
 def main() -> int:
@@ -586,42 +690,57 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32, help="completion tokens per stream")
     parser.add_argument("--rounds", type=float, default=1.0, help="scale the rounds per concurrency (20, 5, 4)")
     parser.add_argument("--max-restarts", type=int, default=10, help="Triton crashes tolerated (each round is redone)")
+    parser.add_argument(
+        "--placement",
+        choices=(*PLACEMENTS, "both"),
+        default="both",
+        help="shared: every process on every core; split: the model on CPU 1, the platform on CPU 0 (default both)",
+    )
     args = parser.parse_args()
+    placements = list(PLACEMENTS.values()) if args.placement == "both" else [PLACEMENTS[args.placement]]
+    every_cpu = os.sched_getaffinity(0)
+    if any(p.model_cpus is not None for p in placements) and not {0, 1} <= every_cpu:
+        raise SystemExit("bench: the split placement needs CPUs 0 and 1")
 
-    load_start = os.getloadavg()[0]
     code = _code_state()
-    with scratch("inference") as run:
-        catalog = run.work / "models.json"
-        catalog.write_text(
-            json.dumps([{"id": CHAT_MODEL, "context_length": 2048, "max_output_tokens": 1024, "free": True}])
-        )
-        env = run.env(
-            JWT_SECRET=JWT_SECRET,
-            LOG_LEVEL="warning",
-            BSC_RPC_URL="",
-            INFERENCE_MODELS_FILE=str(catalog),
-            INFERENCE_SLOTS_PER_MODEL=str(max(ROUNDS)),
-            INFERENCE_MAX_QUEUE="64",
-            INFERENCE_MAX_JOBS_PER_ACCOUNT=str(4 * max(ROUNDS)),
-        )
-        token = TokenIssuer(JwtKeys("k1", {"k1": JWT_SECRET})).issue(ACCOUNT, ["user"], ttl_s=3600)
-        rig = Rig(run.work, env, token, _generate_request(args.tokens))
-        run_migrations(["inference"], env, log_path=run.work / "migrations.log")
-        cases, texts, crashes = asyncio.run(_measure(rig, args))
-
-    summary = _summary(cases)
-    context = {
-        "max_tokens": args.tokens,
-        "rounds": {str(c): max(1, round(r * args.rounds)) for c, r in ROUNDS.items()},
-        "llama_slots": LLAMA_SLOTS,
-        "load_average": {"start": load_start, "end": os.getloadavg()[0]},
-        "same_text_on_every_path": len({text for found in texts.values() for text in found}) == 1,
-        "triton_crashes": crashes,
-        "code": code,
-        "gpu": None,
-    }
-    _write_results(cases, summary, context, _machine())
-    print(json.dumps({**context, **summary}, indent=2))
+    measured: list[Measured] = []
+    for placement in placements:
+        os.sched_setaffinity(0, placement.platform_cpus or every_cpu)
+        load_start = os.getloadavg()[0]
+        print(f"bench: placement {placement.name}: {placement.description}", flush=True)
+        with scratch("inference") as run:
+            catalog = run.work / "models.json"
+            catalog.write_text(
+                json.dumps([{"id": CHAT_MODEL, "context_length": 2048, "max_output_tokens": 1024, "free": True}])
+            )
+            env = run.env(
+                JWT_SECRET=JWT_SECRET,
+                LOG_LEVEL="warning",
+                BSC_RPC_URL="",
+                INFERENCE_MODELS_FILE=str(catalog),
+                INFERENCE_SLOTS_PER_MODEL=str(max(ROUNDS)),
+                INFERENCE_MAX_QUEUE="64",
+                INFERENCE_MAX_JOBS_PER_ACCOUNT=str(4 * max(ROUNDS)),
+            )
+            token = TokenIssuer(JwtKeys("k1", {"k1": JWT_SECRET})).issue(ACCOUNT, ["user"], ttl_s=3600)
+            rig = Rig(run.work, env, token, _generate_request(args.tokens), placement)
+            run_migrations(["inference"], env, log_path=run.work / "migrations.log")
+            cases, texts, crashes, affinity = asyncio.run(_measure(rig, args))
+        context = {
+            "max_tokens": args.tokens,
+            "rounds": {str(c): max(1, round(r * args.rounds)) for c, r in ROUNDS.items()},
+            "llama_slots": LLAMA_SLOTS,
+            "load_average": {"start": load_start, "end": os.getloadavg()[0]},
+            "same_text_on_every_path": len({text for found in texts.values() for text in found}) == 1,
+            "triton_crashes": crashes,
+            "cpu_affinity": affinity,
+            "code": code,
+            "gpu": None,
+        }
+        measured.append(Measured(placement, cases, _summary(cases), context))
+        print(json.dumps({"placement": placement.name, **context, **measured[-1].summary}, indent=2), flush=True)
+    os.sched_setaffinity(0, every_cpu)
+    _write_results(measured, _machine())
     print(f"written: {RESULTS_MD.relative_to(ROOT)}, {RESULTS_JSON.relative_to(ROOT)}")
     return 0
 
