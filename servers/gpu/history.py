@@ -84,16 +84,23 @@ def _parse_key(key: str) -> tuple[int, int | None, str, int] | None:
 
 
 class History:
-    def __init__(self, store: TelemetryStore, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(
+        self,
+        store: TelemetryStore,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        *,
+        retention_days: int = RETENTION_DAYS,
+    ) -> None:
         self.store = store
         self._clock = clock
+        self.retention_days = retention_days
 
     async def record(self, node_id: str, time_ms: int, values: Mapping[str, float]) -> None:
         finite = {key: value for key, value in values.items() if math.isfinite(value)}
         await self.store.record(node_id, time_ms, finite)
 
     async def prune(self) -> None:
-        oldest = self._clock() - timedelta(days=RETENTION_DAYS)
+        oldest = self._clock() - timedelta(days=self.retention_days)
         await self.store.prune(int(oldest.timestamp() * 1000))
 
     def _checked(self, query: HistoryQuery) -> tuple[datetime, datetime, int]:

@@ -56,7 +56,7 @@ class GpuApp:
         else:
             store = PostgresTelemetryStore(runtime.database)
         runtime.on_close(store.close)
-        history = History(store)
+        history = History(store, retention_days=settings.telemetry.retention_days)
         live = LiveState(runtime.redis, prefix, ttl_s=settings.liveness_ttl_s)
         control = ControlHub(runtime.redis, prefix)
         await control.start()

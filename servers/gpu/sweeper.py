@@ -1,6 +1,8 @@
 """The liveness sweeper: one replica at a time (a Redis lease) turns silent nodes UNHEALTHY, ends drains
 whose grace period ran out, and prunes old telemetry history. A silent node is UNHEALTHY at most
-4 report intervals after its last report (3 for its live key to expire, 1 for the next sweep)."""
+4 report intervals after its last report (3 for its live key to expire, 1 for the next sweep; sweeps start
+on a fixed schedule, so a sweep's own run time does not add up), plus up to 3 intervals when the sweeping
+replica dies and another must wait for its lease to expire."""
 
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ class LivenessSweeper:
         return len(changes)
 
     async def _run(self) -> None:
+        next_sweep = time.monotonic()
         while True:
             try:
                 if await self._leading():
@@ -76,4 +79,5 @@ class LivenessSweeper:
                 raise
             except Exception:
                 log.warning("liveness sweep failed; retrying", exc_info=True)
-            await asyncio.sleep(self._interval_s)
+            next_sweep = max(next_sweep + self._interval_s, time.monotonic())
+            await asyncio.sleep(next_sweep - time.monotonic())

@@ -51,13 +51,23 @@ class DynamoTelemetryStore:
         return store
 
     async def ensure_table(self) -> None:
-        """Create the table with its TTL if it does not exist, and wait until it is ACTIVE."""
+        """Create the table if it does not exist, wait until it is ACTIVE, and turn its TTL on if it is off
+        (also for a table made elsewhere, or left without TTL by a start that died between the two calls)."""
         try:
             await self._client.describe_table(TableName=self._table)
-            return
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
                 raise
+            await self._create_table()
+        ttl = await self._client.describe_time_to_live(TableName=self._table)
+        status = ttl.get("TimeToLiveDescription", {})
+        if status.get("TimeToLiveStatus") in ("ENABLED", "ENABLING") and status.get("AttributeName") == "expires_at":
+            return
+        await self._client.update_time_to_live(
+            TableName=self._table, TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"}
+        )
+
+    async def _create_table(self) -> None:
         with contextlib.suppress(self._client.exceptions.ResourceInUseException):
             await self._client.create_table(
                 TableName=self._table,
@@ -76,9 +86,6 @@ class DynamoTelemetryStore:
             if described["Table"].get("TableStatus") == "ACTIVE":
                 break
             await asyncio.sleep(0.1)
-        await self._client.update_time_to_live(
-            TableName=self._table, TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"}
-        )
 
     async def record(self, node_id: str, time_ms: int, values: Mapping[str, float]) -> None:
         item: dict[str, Any] = {

@@ -17,6 +17,7 @@ import grpc
 import psutil
 import pytest
 from far.gpu.v1 import gpu_service_pb2, gpu_service_pb2_grpc, node_pb2
+from google.protobuf import duration_pb2
 from tritonclient.grpc.aio import InferenceServerClient
 
 from devstack.node import start_local_node
@@ -27,7 +28,7 @@ from servers.common.config import Settings
 from servers.common.server import RunningServer, start_server
 from servers.gpu.server import GpuApp
 from tests.gpu.conftest_agent import MODEL, AgentProcess, Operator, eventually, start_agent, start_agent_triton
-from tests.gpu.triton_support import generate
+from tests.gpu.triton_support import COUNTING, Response, Stream, chat_inputs, generate, text_of
 from tests.integration.gpu_support import GpuStub, Metadata, RunningGpu, running_gpu, unique_node_id
 
 pytestmark = pytest.mark.integration
@@ -285,6 +286,80 @@ class TestHealth:
         await node_where(gpu, agent.name, as_operator, lambda n: n.state == State.STATE_DRAINED, "DRAINED")
         await gpu.ResumeNode(gpu_service_pb2.ResumeNodeRequest(name=agent.name), metadata=as_operator)
         await node_where(gpu, agent.name, as_operator, lambda n: n.state == State.STATE_HEALTHY, "HEALTHY again")
+
+
+class TestDrainInFlight:
+    # ~3 s on one CPU thread (60-130 tokens/s); the drain and the checks on it take ~0.7 s (~35 tokens) here.
+    TOKENS = 200
+
+    async def test_a_running_generation_finishes_while_the_node_drains_and_gets_no_new_work(
+        self,
+        gpu: GpuStub,
+        agent: AgentProcess,
+        as_operator: Metadata,
+        agent_triton: TritonProcess,
+        make_token: Callable[..., str],
+    ) -> None:
+        admin = (("authorization", f"Bearer {make_token('0x' + 'ad' * 20, ('admin',))}"),)
+
+        async def offered() -> dict[str, gpu_service_pb2.ServingNode]:
+            """The nodes the gpu service offers the inference service for the model."""
+            request = gpu_service_pb2.FindServingNodesRequest(model=MODEL, max_results=50)
+            response = await gpu.FindServingNodes(request, metadata=admin)
+            return {n.node: n for n in response.nodes}
+
+        async def offered_with(check: Callable[[gpu_service_pb2.ServingNode], bool]) -> gpu_service_pb2.ServingNode:
+            async def matching() -> gpu_service_pb2.ServingNode | None:
+                node = (await offered()).get(agent.name)
+                return node if node is not None and check(node) else None
+
+            return await eventually(matching, what=f"{agent.name} offered for {MODEL}")
+
+        await offered_with(lambda n: n.active_requests == 0)
+        client = InferenceServerClient(agent_triton.grpc_url)
+        responses: list[Response] = []
+
+        async def consume() -> None:
+            async for response in Stream(client, chat_inputs(prompt=COUNTING, max_tokens=self.TOKENS, temperature=0)):
+                responses.append(response)
+
+        generation = asyncio.create_task(consume())
+        try:
+            await offered_with(lambda n: n.active_requests == 1)  # a report showed the generation running
+            draining = await gpu.DrainNode(
+                gpu_service_pb2.DrainNodeRequest(
+                    name=agent.name, reason="maintenance", grace_period=duration_pb2.Duration(seconds=600)
+                ),
+                metadata=as_operator,
+            )
+            assert draining.state == State.STATE_DRAINING
+            await agent.wait_event("drain_notice")
+            seen = draining.last_seen_time.ToDatetime()
+            later = await node_where(
+                gpu,
+                agent.name,
+                as_operator,
+                lambda n: n.last_seen_time.ToDatetime() > seen,
+                "reporting after the drain",
+            )
+            assert later.state == State.STATE_DRAINING  # the report still shows the generation: no DRAINED yet
+            assert agent.name not in await offered()
+            assert not any(r.final for r in responses)  # all of that while it generated
+            await asyncio.wait_for(generation, timeout=120)
+        finally:
+            generation.cancel()
+            await client.close()
+
+        *pieces, last = responses
+        assert not any(r.error or r.final for r in pieces)
+        assert (last.final, last.error, last.finish_reason) == (True, "", "length")
+        assert last.completion_tokens == self.TOKENS
+        assert text_of(responses).startswith(" 4, 5, 6, 7, 8, 9, 10,")
+        await node_where(gpu, agent.name, as_operator, lambda n: n.state == State.STATE_DRAINED, "DRAINED")
+        assert agent.name not in await offered()
+        await gpu.ResumeNode(gpu_service_pb2.ResumeNodeRequest(name=agent.name), metadata=as_operator)
+        await node_where(gpu, agent.name, as_operator, lambda n: n.state == State.STATE_HEALTHY, "HEALTHY again")
+        await offered_with(lambda n: n.active_requests == 0)
 
 
 class TestReconnect:

@@ -14,9 +14,7 @@ import tritonclient.grpc.aio as triton_aio
 
 from devstack.processes import ProcessDied, wait_until
 from gpu.triton import CHAT_MODEL, MODEL_REPOSITORY, TritonProcess
-from tests.gpu.triton_support import Response, Stream, chat_inputs, generate, metric, tensor, text_of
-
-COUNTING = "Count: 1, 2, 3,"
+from tests.gpu.triton_support import COUNTING, Response, Stream, chat_inputs, generate, metric, tensor, text_of
 
 
 def assert_well_formed(responses: list[Response]) -> Response:
@@ -90,6 +88,35 @@ class TestSampling:
 
         assert first == again
         assert first != other
+
+    async def test_a_tiny_top_p_is_greedy_whatever_the_seed_while_top_p_1_samples(self, triton: TritonProcess) -> None:
+        seeds = (1, 2, 3, 4)
+
+        async def texts(top_p: float) -> list[str]:
+            return [
+                text_of(r)
+                for r in await asyncio.gather(
+                    *(
+                        generate(
+                            triton.grpc_url,
+                            prompt="Once upon a time",
+                            max_tokens=8,
+                            temperature=1.0,
+                            top_p=top_p,
+                            seed=s,
+                        )
+                        for s in seeds
+                    )
+                )
+            ]
+
+        nucleus_of_one = await texts(1e-6)
+        full = await texts(1.0)
+        greedy = text_of(await generate(triton.grpc_url, prompt="Once upon a time", max_tokens=8, temperature=0))
+
+        assert nucleus_of_one == [greedy] * len(seeds)  # only the likeliest token is left to draw from
+        assert len(set(full)) > 1  # the same seeds, the whole distribution: the texts differ
+        assert set(full) != {greedy}
 
     async def test_concurrent_streams_do_not_disturb_each_other(self, triton: TritonProcess) -> None:
         alone = text_of(await generate(triton.grpc_url, prompt=COUNTING, max_tokens=10, temperature=0))

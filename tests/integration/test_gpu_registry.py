@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -18,6 +20,7 @@ from tests.integration.gpu_support import (
     registered,
     report,
     unique_node_id,
+    wait_for_state,
 )
 from tests.integration.rich_errors import expect_error
 
@@ -209,6 +212,35 @@ class TestListNodes:
             fields=["page_token"],
             domain=DOMAIN,
         )
+
+    async def test_the_state_filter_returns_the_nodes_in_those_states(
+        self, gpu: GpuStub, auth: Callable[..., tuple[tuple[str, str], ...]]
+    ) -> None:
+        operator = Operator.new()
+        me = auth(operator.address)
+        (healthy, token), (drained, _), (registering, _) = [await registered(gpu, operator) for _ in range(3)]
+        await gpu.DrainNode(gpu_service_pb2.DrainNodeRequest(name=drained), metadata=me)
+
+        async def listed(*states: int) -> list[str]:
+            response = await gpu.ListNodes(gpu_service_pb2.ListNodesRequest(states=states), metadata=me)
+            return [n.name for n in response.nodes]
+
+        async with AgentStream.open(gpu, token, healthy) as agent:
+            reporting = asyncio.create_task(agent.keep_reporting(1))  # HEALTHY for as long as it reports
+            try:
+                await wait_for_state(gpu, healthy, me, State.STATE_HEALTHY)
+                assert await listed(State.STATE_HEALTHY) == [healthy]
+                assert await listed(State.STATE_DRAINED) == [drained]
+                assert await listed(State.STATE_REGISTERING) == [registering]
+                assert await listed(State.STATE_HEALTHY, State.STATE_DRAINED) == sorted([healthy, drained])
+                assert await listed(State.STATE_UNHEALTHY, State.STATE_DRAINING) == []
+            finally:
+                reporting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporting
+        await gpu.DeregisterNode(gpu_service_pb2.DeregisterNodeRequest(name=drained), metadata=me)
+        assert await listed(State.STATE_DEREGISTERED) == [drained]  # named, the one state left out by default
+        assert drained not in await listed()
 
     async def test_loaded_model_and_free_memory_come_from_the_last_report(
         self, gpu: GpuStub, auth: Callable[..., tuple[tuple[str, str], ...]]

@@ -29,6 +29,11 @@ from tests.integration.gpu_support import (
 State = node_pb2.Node.State
 Closed = gpu_service_pb2.StreamClosed
 Auth = Callable[..., tuple[tuple[str, str], ...]]
+# The documented silence bounds, in report intervals (servers/gpu/sweeper.py, docs/architecture.md): a stream
+# without a report closes IDLE after 3; a silent node is UNHEALTHY at most 4 after its last report (3 for its live
+# key to expire, 1 for the next sweep). MARGIN is one more interval (0.5 s) for a loaded 2-core machine: the
+# sweep's transaction, the event loop's lag and the 50 ms GetNode polling all land on top of the bound.
+IDLE_AFTER, UNHEALTHY_AFTER, MARGIN = 3, 4, 1
 pytestmark = pytest.mark.integration
 
 
@@ -130,13 +135,22 @@ class TestSilence:
         operator = Operator.new()
         name, token = await registered(gpu, operator)
         me = auth(operator.address)
+        loop = asyncio.get_running_loop()
         async with AgentStream.open(gpu, token, name) as agent:
+            last_report = loop.time()  # the service's idle timer and live key start after this, never before
             await agent.send(report(1))
             await agent.next_of("ack")
             await wait_for_state(gpu, name, me, State.STATE_HEALTHY)
-            closed = await agent.closed(within_s=20 * REPORT_INTERVAL_S)
+            closed = await agent.closed(within_s=(IDLE_AFTER + MARGIN) * REPORT_INTERVAL_S)
+            closed_after = (loop.time() - last_report) / REPORT_INTERVAL_S
         assert closed.reason == Closed.REASON_IDLE
-        node = await wait_for_state(gpu, name, me, State.STATE_UNHEALTHY, within_s=20 * REPORT_INTERVAL_S)
+        node = await wait_for_state(
+            gpu, name, me, State.STATE_UNHEALTHY, within_s=(UNHEALTHY_AFTER + MARGIN) * REPORT_INTERVAL_S
+        )
+        unhealthy_after = (loop.time() - last_report) / REPORT_INTERVAL_S
+        # In report intervals: never early, and late by at most MARGIN.
+        assert IDLE_AFTER <= closed_after <= IDLE_AFTER + MARGIN
+        assert IDLE_AFTER <= unhealthy_after <= UNHEALTHY_AFTER + MARGIN
         assert "no telemetry" in node.state_message
         assert (await node_events(bus, name))[-1].state == State.STATE_UNHEALTHY
         async with AgentStream.open(gpu, token, name) as agent:  # the agent reconnects: healthy again

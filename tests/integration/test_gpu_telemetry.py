@@ -7,6 +7,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
+import aioboto3
 import grpc
 import pytest
 from far.gpu.v1 import gpu_service_pb2, gpu_service_pb2_grpc, telemetry_pb2
@@ -19,7 +20,7 @@ from servers.gpu.history import History, HistoryQuery
 from servers.gpu.settings import GpuSettings
 from servers.gpu.telemetry_dynamodb import DynamoTelemetryStore
 from servers.gpu.telemetry_postgres import PostgresTelemetryStore
-from servers.gpu.telemetry_store import TelemetryStore
+from servers.gpu.telemetry_store import RETENTION_DAYS, TelemetryStore
 from tests.integration.gpu_support import (
     AgentStream,
     GpuStub,
@@ -140,6 +141,106 @@ class TestStore:
             node_id(), HistoryQuery(start=start, end=start + timedelta(hours=2), metrics=(UTIL,))
         )
         assert chosen == 20  # the smallest multiple of 10 s giving at most 500 points per series
+
+
+class TestDynamoRetention:
+    async def test_the_table_is_created_with_ttl_and_items_expire_after_the_retention(
+        self, moto_dynamodb: dict[str, str]
+    ) -> None:
+        table = f"far-gpu-telemetry-ttl-{secrets.token_hex(4)}"
+        env = {**moto_dynamodb, "GPU_DYNAMODB_TABLE": table, "GPU_TELEMETRY_RETENTION_DAYS": "7"}
+        settings = GpuSettings.from_env(Env(env)).telemetry
+        dynamo = await DynamoTelemetryStore.open(settings)
+        node, t0 = node_id(), start_ms() + 345  # not a whole second: the expiry is in whole seconds
+        try:
+            await dynamo.record(node, t0, {"6": 1.0})
+            await dynamo.record(node, t0 + 60_000, {"6": 2.0})
+        finally:
+            await dynamo.close()
+        # Read back through a client built the way the store builds its own.
+        async with aioboto3.Session().client(
+            "dynamodb", region_name=settings.dynamodb_region, endpoint_url=settings.dynamodb_endpoint
+        ) as client:
+            ttl = (await client.describe_time_to_live(TableName=table))["TimeToLiveDescription"]
+            items = (
+                await client.query(
+                    TableName=table,
+                    KeyConditionExpression="node_id = :node",
+                    ExpressionAttributeValues={":node": {"S": node}},
+                )
+            )["Items"]
+        assert (ttl.get("TimeToLiveStatus"), ttl.get("AttributeName")) == ("ENABLED", "expires_at")
+        assert [(int(i["t"]["N"]), int(i["expires_at"]["N"])) for i in items] == [
+            (t0, t0 // 1000 + 7 * 86_400),
+            (t0 + 60_000, (t0 + 60_000) // 1000 + 7 * 86_400),
+        ]
+
+    async def test_a_table_without_ttl_gets_it_when_the_store_opens(self, moto_dynamodb: dict[str, str]) -> None:
+        # Made elsewhere, or by a start that died between create_table and update_time_to_live.
+        table = f"far-gpu-telemetry-nottl-{secrets.token_hex(4)}"
+        settings = GpuSettings.from_env(Env({**moto_dynamodb, "GPU_DYNAMODB_TABLE": table})).telemetry
+        async with aioboto3.Session().client(
+            "dynamodb", region_name=settings.dynamodb_region, endpoint_url=settings.dynamodb_endpoint
+        ) as client:
+            await client.create_table(
+                TableName=table,
+                AttributeDefinitions=[
+                    {"AttributeName": "node_id", "AttributeType": "S"},
+                    {"AttributeName": "t", "AttributeType": "N"},
+                ],
+                KeySchema=[{"AttributeName": "node_id", "KeyType": "HASH"}, {"AttributeName": "t", "KeyType": "RANGE"}],
+                BillingMode="PAY_PER_REQUEST",
+            )
+            before = (await client.describe_time_to_live(TableName=table))["TimeToLiveDescription"]
+            assert before.get("TimeToLiveStatus") == "DISABLED"
+            await (await DynamoTelemetryStore.open(settings)).close()
+            after = (await client.describe_time_to_live(TableName=table))["TimeToLiveDescription"]
+        assert (after.get("TimeToLiveStatus"), after.get("AttributeName")) == ("ENABLED", "expires_at")
+
+
+class TestPostgresPrune:
+    async def test_records_before_the_cutoff_go_and_the_rest_stay(self, migrated_database_url: str) -> None:
+        database = Database(migrated_database_url)
+        store = PostgresTelemetryStore(database)
+        node, other, t0 = node_id(), node_id(), start_ms() - 86_400_000  # a day ago: no other test's records
+        try:
+            for k in range(4):
+                await store.record(node, t0 + k * 1000, {"6": float(k)})
+            await store.record(other, t0 + 500, {"6": 9.0})
+            await store.prune(t0 + 2000)
+            assert [s.time_ms - t0 for s in await store.samples(node, t0, t0 + 10_000)] == [2000, 3000]
+            assert await store.samples(other, t0, t0 + 10_000) == []  # every node's old records go
+        finally:
+            await database.close()
+
+    async def test_history_prunes_what_is_older_than_the_retention(self, migrated_database_url: str) -> None:
+        database = Database(migrated_database_url)
+        store = PostgresTelemetryStore(database)
+        now = datetime.now(UTC)
+        node = node_id()
+
+        def ms(ago: timedelta) -> int:
+            return int((now - ago).timestamp() * 1000)
+
+        retention = timedelta(days=RETENTION_DAYS)
+        configured = timedelta(days=7)  # GPU_TELEMETRY_RETENTION_DAYS=7
+        expired, kept, expired_if_7, kept_if_7 = (
+            ms(retention + timedelta(minutes=1)),
+            ms(retention - timedelta(minutes=1)),
+            ms(configured + timedelta(minutes=1)),
+            ms(timedelta(hours=1)),
+        )
+        try:
+            for t in (expired, kept, expired_if_7, kept_if_7):
+                await store.record(node, t, {"6": 1.0})
+            await History(store, clock=lambda: now).prune()  # the default: 30 days
+            left = await store.samples(node, expired - 1, kept_if_7 + 1)
+            assert [s.time_ms for s in left] == [kept, expired_if_7, kept_if_7]
+            await History(store, clock=lambda: now, retention_days=7).prune()
+            left = await store.samples(node, expired - 1, kept_if_7 + 1)
+            assert [s.time_ms for s in left] == [kept_if_7]
+        finally:
+            await database.close()
 
 
 async def stream_counted_reports(gpu: GpuStub, operator: Operator, model: str) -> str:
