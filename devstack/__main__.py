@@ -159,7 +159,9 @@ def _start_node(stack: Stack, run_dir: Path, say: Console) -> LocalNode:
         files = stack.pki.ensure_identity("partner", "node-agent")
         tls = TlsFiles(ca=stack.pki.ca_file, cert=files.cert, key=files.key)
     target = stack.envoy_partner_target if stack.pki is not None else stack.grpc_target("gpu")
-    node = start_local_node(run_dir, gpu_service=target, tls=tls)
+    node = start_local_node(
+        run_dir, gpu_service=target, tls=tls, triton_trace_url=os.environ.get("AGENT_TRITON_TRACE_URL") or None
+    )
     say(f"gpu node: {node.name} registered (tritonserver pid {node.triton.pid}, agent pid {node.agent.pid})")
     return node
 

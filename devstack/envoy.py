@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import sys
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,9 @@ class EdgeOptions:
     max_request_bytes: int = 4 * 1024 * 1024
     # The OpenAPI document served at GET /openapi.json (Envoy reads it at start); None: not served.
     openapi_document: Path | None = OPENAPI_DOCUMENT if OPENAPI_DOCUMENT.is_file() else None
+    # An OTLP/gRPC collector: Envoy traces every request (OpenTelemetry, continuing a caller's `traceparent`)
+    # and passes its span on to the services. None: no tracing at the edge (a caller's headers still pass).
+    otlp_endpoint: Endpoint | None = None
 
     @classmethod
     def edge_settings_from_env(cls, env: Mapping[str, str]) -> dict[str, Any]:
@@ -197,7 +201,17 @@ class EdgeOptions:
         overrides = env.get("EDGE_ROUTE_RATE_LIMITS", "").strip()
         if overrides:
             found["route_rate_limits"] = _route_limits_with(overrides, catalog.ROUTE_RATE_LIMITS)
+        if env.get("OTEL_TRACES_EXPORTER") == "otlp":
+            found["otlp_endpoint"] = _otlp_endpoint(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4317")
         return found
+
+
+def _otlp_endpoint(url: str) -> Endpoint:
+    """OTEL_EXPORTER_OTLP_ENDPOINT (the services' variable, `http://host:port`) as Envoy's collector address."""
+    parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parsed.scheme != "http" or not parsed.hostname or not parsed.port:
+        raise ValueError(f"OTEL_EXPORTER_OTLP_ENDPOINT must be http://host:port for the edge, got {url!r}")
+    return Endpoint(parsed.hostname, parsed.port)
 
 
 def _route_limits_with(overrides: str, limits: Sequence[RouteRateLimit]) -> tuple[RouteRateLimit, ...]:
@@ -927,6 +941,44 @@ def _access_log(ctx: RenderContext, listener: str) -> list[Json]:
     ]
 
 
+OTLP_CLUSTER = "opentelemetry_collector"
+
+
+def _tracing(ctx: RenderContext) -> Json:
+    """OpenTelemetry tracing of every request when a collector is configured: a span per request, continuing
+    the caller's W3C `traceparent` (or starting a trace), sent on to the service in `traceparent`."""
+    if ctx.options.otlp_endpoint is None:
+        return {}
+    config = {
+        "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+        "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_CLUSTER}, "timeout": "1s"},
+        "service_name": "far-edge",
+    }
+    return {"tracing": {"provider": {"name": "envoy.tracers.opentelemetry", "typed_config": config}}}
+
+
+def otlp_cluster(ctx: RenderContext) -> list[Json]:
+    endpoint = ctx.options.otlp_endpoint
+    if endpoint is None:
+        return []
+    return [
+        {
+            "name": OTLP_CLUSTER,
+            "type": "STATIC" if _is_ip(endpoint.host) else "STRICT_DNS",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                    "upstreams.http.v3.HttpProtocolOptions", explicit_http_config={"http2_protocol_options": {}}
+                )
+            },
+            "load_assignment": {
+                "cluster_name": OTLP_CLUSTER,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(endpoint.host, endpoint.port)}}]}],
+            },
+        }
+    ]
+
+
 def web_listener(ctx: RenderContext) -> list[Json]:
     """HTTP/1.1 and h2c on one port: JSON (transcoded), gRPC-Web and plain gRPC."""
     opts = ctx.options
@@ -952,6 +1004,7 @@ def web_listener(ctx: RenderContext) -> list[Json]:
             "initial_connection_window_size": 1048576,
         },
         access_log=_access_log(ctx, "web"),
+        **_tracing(ctx),
         local_reply_config=local_reply_config(ctx),
         route_config={
             "name": "web",
@@ -1023,6 +1076,7 @@ def partner_listener(ctx: RenderContext) -> list[Json]:
         common_http_protocol_options={"idle_timeout": "3600s", "headers_with_underscores_action": "REJECT_REQUEST"},
         http2_protocol_options={"max_concurrent_streams": 100},
         access_log=_access_log(ctx, "partner"),
+        **_tracing(ctx),
         route_config={
             "name": "partner",
             "virtual_hosts": [{"name": "far-partner", "domains": ["*"], "routes": partner_routes(ctx)}],
@@ -1135,7 +1189,7 @@ def service_cluster(service: Service, endpoints: Sequence[Endpoint], ctx: Render
 
 
 def clusters(ctx: RenderContext) -> list[Json]:
-    return [service_cluster(s, ctx.upstreams[s.name], ctx) for s in ctx.routed()]
+    return [*(service_cluster(s, ctx.upstreams[s.name], ctx) for s in ctx.routed()), *otlp_cluster(ctx)]
 
 
 # --- Bootstrap --------------------------------------------------------------------------------------

@@ -115,20 +115,24 @@ def start_local_node(
     load_models: Sequence[str] = DEFAULT_MODELS,
     tls: TlsFiles | None = None,
     triton_env: Mapping[str, str] | None = None,
+    triton_trace_url: str | None = None,
     agent_env: Mapping[str, str] | None = None,
     timeout: float = 120.0,
 ) -> LocalNode:
     """Start Triton (models loaded) and the agent; return once the agent has registered the node.
 
     Files go to `run_dir/node-<node_id>/` (Triton's backends copy and log, the agent's log, the operator
-    key). `triton_env` reaches the model (e.g. FAR_LLAMA_SLOTS); `agent_env` is added to the agent's
+    key). `triton_env` reaches the model (e.g. FAR_LLAMA_SLOTS); `triton_trace_url` turns on Triton's
+    OpenTelemetry tracing (an OTLP/HTTP collector's `host:port/v1/traces`); `agent_env` is added to the agent's
     environment (e.g. LOG_LEVEL). Raises ProcessDied with the log's tail if either process exits while
     starting; nothing is left running then.
     """
     workdir = (run_dir / f"node-{node_id}").resolve()
     account = dev_account(operator_account)
     key_file = write_operator_key(workdir / "operator.key", "0x" + bytes(account.key).hex())
-    triton = TritonProcess.start(model_repository, workdir / "triton", load_models=load_models, env=triton_env)
+    triton = TritonProcess.start(
+        model_repository, workdir / "triton", load_models=load_models, env=triton_env, trace_url=triton_trace_url
+    )
     env = agent_environment(
         node_id=node_id,
         gpu_service=gpu_service,

@@ -201,6 +201,7 @@ class TritonProcess:
         install: TritonInstall | None = None,
         exit_timeout_s: int = 5,
         ready_timeout_s: float = 120.0,
+        trace_url: str | None = None,
     ) -> TritonProcess:
         """Start tritonserver on `model_repository` and wait until it and every model in `load_models` are ready.
 
@@ -209,6 +210,10 @@ class TritonProcess:
         (default `workdir/tritonserver.log`). Raises ProcessDied (with the log's tail) if the server
         exits while starting, e.g. because a model failed to load, and TimeoutError after
         `ready_timeout_s`.
+
+        `trace_url` (`host:port/v1/traces`, an OTLP/HTTP collector) turns on Triton's OpenTelemetry tracing:
+        every request is traced (rate 1, timestamps) and continues the W3C `traceparent` it carries, so a
+        caller's trace goes on inside Triton (service name `triton`).
         """
         install = install or find_tritonserver()
         # tritonserver runs in `workdir`: relative paths would resolve against it.
@@ -233,6 +238,14 @@ class TritonProcess:
             f"--exit-timeout-secs={exit_timeout_s}",
             "--strict-readiness=true",
         ]
+        if trace_url:
+            argv += [
+                "--trace-config=mode=opentelemetry",
+                f"--trace-config=opentelemetry,url={trace_url}",
+                "--trace-config=opentelemetry,resource=service.name=triton",
+                "--trace-config=rate=1",
+                "--trace-config=level=TIMESTAMPS",
+            ]
         process = ManagedProcess(
             "tritonserver",
             argv,

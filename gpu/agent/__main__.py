@@ -27,7 +27,10 @@ log = structlog.get_logger("gpu.agent")
 def start_triton(launch: TritonLaunch) -> TritonProcess:
     """From the main thread, before any gRPC thread exists: Triton then also gets SIGTERM if the agent dies."""
     process = TritonProcess.start(
-        launch.model_repository.resolve(), launch.workdir.resolve(), load_models=launch.load_models
+        launch.model_repository.resolve(),
+        launch.workdir.resolve(),
+        load_models=launch.load_models,
+        trace_url=launch.trace_url,
     )
     log.info("triton_started", pid=process.pid, grpc=process.grpc_url, metrics=process.metrics_url)
     return process

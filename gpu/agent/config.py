@@ -60,6 +60,8 @@ class TritonLaunch:
     model_repository: Path
     workdir: Path
     load_models: tuple[str, ...]
+    trace_url: str | None = None
+    """An OTLP/HTTP collector (`host:port/v1/traces`) for Triton's OpenTelemetry traces; None: no tracing."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ class AgentSettings:
         platform reaches Triton at; default Triton's gRPC address), AGENT_ENDPOINT_TLS (false);
         Triton: AGENT_TRITON_GRPC + AGENT_TRITON_METRICS to attach, or AGENT_START_TRITON=1 with
         AGENT_MODEL_REPOSITORY (gpu/models), AGENT_TRITON_WORKDIR (.run/triton-<node id>) and
-        AGENT_TRITON_LOAD_MODELS (none; placement loads models); LOG_LEVEL, LOG_FORMAT."""
+        AGENT_TRITON_LOAD_MODELS (none; placement loads models), AGENT_TRITON_TRACE_URL (none: Triton does not
+        trace; `host:port/v1/traces` of an OTLP/HTTP collector); LOG_LEVEL, LOG_FORMAT."""
         env = Env(environ)
         node_id = env.required("AGENT_NODE_ID", "set it to this node's id, e.g. gpu-node-1")
         if not NODE_ID.match(node_id):
@@ -198,7 +201,8 @@ def _triton(env: Env, node_id: str) -> TritonAttach | TritonLaunch:
             raise ConfigError(f"AGENT_MODEL_REPOSITORY={str(repository)!r} is not a directory")
         workdir = Path(env.text("AGENT_TRITON_WORKDIR") or f".run/triton-{node_id}")
         models = tuple(filter(None, (m.strip() for m in (env.text("AGENT_TRITON_LOAD_MODELS") or "").split(","))))
-        return TritonLaunch(model_repository=repository, workdir=workdir, load_models=models)
+        trace_url = env.text("AGENT_TRITON_TRACE_URL") or None
+        return TritonLaunch(model_repository=repository, workdir=workdir, load_models=models, trace_url=trace_url)
     if grpc_address is None or metrics_url is None:
         raise ConfigError(
             "AGENT_TRITON_GRPC (host:port) and AGENT_TRITON_METRICS (http://host:port/metrics) must be set "

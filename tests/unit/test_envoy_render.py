@@ -511,6 +511,43 @@ class TestCorsRateLimitBodyCap:
             envoy.EdgeOptions.edge_settings_from_env({"EDGE_MAX_REQUEST_BYTES": "-1"})
 
 
+class TestTracing:
+    def test_no_tracing_without_a_collector(self) -> None:
+        config = render()
+        assert "tracing" not in web_hcm(config)
+        assert [c["name"] for c in config["static_resources"]["clusters"]] == ["gamed"]
+
+    def test_every_request_traced_to_the_collector(self, pki: DevPki) -> None:
+        config = render(otlp_endpoint=envoy.Endpoint("127.0.0.1", 4317), tls=edge_tls(pki), partner_port=18443)
+        for name in ("web", "partner"):
+            (chain,) = listener(config, name)["filter_chains"]
+            provider = chain["filters"][0]["typed_config"]["tracing"]["provider"]
+            assert provider["name"] == "envoy.tracers.opentelemetry"
+            assert provider["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == envoy.OTLP_CLUSTER
+            assert provider["typed_config"]["service_name"] == "far-edge"
+        (collector,) = [c for c in config["static_resources"]["clusters"] if c["name"] == envoy.OTLP_CLUSTER]
+        (endpoint,) = collector["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 4317}
+
+    def test_collector_from_the_services_otel_variables(self) -> None:
+        settings = envoy.EdgeOptions.edge_settings_from_env
+        env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector.internal:4317"}
+        assert settings(env) == {"otlp_endpoint": envoy.Endpoint("collector.internal", 4317)}
+        assert settings({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}) == {}
+        with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_ENDPOINT must be http://host:port"):
+            settings({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "https://c:4317"})
+
+    def test_validate(self, envoy_binary: str, tmp_path: Path) -> None:
+        config = envoy.write(render(otlp_endpoint=envoy.Endpoint("collector.internal", 4317)), tmp_path / "e.json")
+        result = subprocess.run(
+            [envoy_binary, "--mode", "validate", "-c", str(config), "--disable-hot-restart", "-l", "warning"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+
+
 class TestClusters:
     def test_one_cluster_per_routed_service(self) -> None:
         (cluster,) = render()["static_resources"]["clusters"]
