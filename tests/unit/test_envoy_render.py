@@ -22,6 +22,17 @@ GAMED = catalog.get("gamed")
 UPSTREAM = "127.0.0.1:50056"
 
 
+def envoy_validate(envoy_binary: str, config: Path) -> subprocess.CompletedProcess[str]:
+    """`envoy --mode validate` on a rendered bootstrap."""
+    return subprocess.run(
+        [envoy_binary, "--mode", "validate", "-c", str(config), "--disable-hot-restart", "-l", "warning"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def render(upstreams: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
     return envoy.render(
         catalog.SERVICES,
@@ -539,12 +550,7 @@ class TestTracing:
 
     def test_validate(self, envoy_binary: str, tmp_path: Path) -> None:
         config = envoy.write(render(otlp_endpoint=envoy.Endpoint("collector.internal", 4317)), tmp_path / "e.json")
-        result = subprocess.run(
-            [envoy_binary, "--mode", "validate", "-c", str(config), "--disable-hot-restart", "-l", "warning"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        result = envoy_validate(envoy_binary, config)
         assert result.returncode == 0, result.stderr
 
 
@@ -610,13 +616,7 @@ class TestEnvoyAcceptsIt:
             render(upstreams, access_log_path=str(tmp_path / "access.log"), jwt=JWT), tmp_path / "envoy.json"
         )
         assert config.stat().st_mode & 0o077 == 0  # it holds the JWT secrets
-        result = subprocess.run(
-            [envoy_binary, "--mode", "validate", "-c", str(config), "--disable-hot-restart", "-l", "warning"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = envoy_validate(envoy_binary, config)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "OK" in result.stdout + result.stderr
 
@@ -626,13 +626,7 @@ class TestEnvoyAcceptsIt:
         assert "gamed" in capsys.readouterr().out
         config = json.loads(out.read_text())
         assert config["static_resources"]["clusters"][0]["type"] == "STRICT_DNS"
-        result = subprocess.run(
-            [envoy_binary, "--mode", "validate", "-c", str(out), "--disable-hot-restart", "-l", "warning"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = envoy_validate(envoy_binary, out)
         assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -815,13 +809,7 @@ class TestEnvoyAcceptsMtls:
         config = envoy.write(
             render({"gamed": UPSTREAM}, jwt=JWT, tls=edge_tls(pki), partner_port=18443), tmp_path / "envoy.json"
         )
-        result = subprocess.run(
-            [envoy_binary, "--mode", "validate", "-c", str(config), "--disable-hot-restart", "-l", "warning"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = envoy_validate(envoy_binary, config)
         assert result.returncode == 0, result.stdout + result.stderr
 
     def test_render_envoy_command_with_edge_tls_files(
