@@ -19,7 +19,7 @@ from opentelemetry import propagate, trace
 from servers.common.access import UNDECLARED, AccessRule
 from servers.common.auth import BearerAuthenticator, Principal, RevocationList, TokenVerifier
 from servers.common.context import principal_var, request_id_var
-from servers.common.errors import DomainError, Unauthenticated, to_rpc_status
+from servers.common.errors import DomainError, InvalidArgument, Unauthenticated, to_rpc_status
 from servers.common.errors import internal_status as _internal_status
 from servers.common.observability import RPC_HANDLED, RPC_LATENCY
 from servers.common.tls import XFCC_HEADER, PeerKind, peer_of, peer_spiffe_id, xfcc_partner
@@ -347,11 +347,76 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         return wrap_handler(handler, *guard)
 
 
+def _decoding(handler: Any) -> Any:
+    """The handler taking request bytes and decoding them itself, so that a message that is not valid protobuf
+    (Envoy's transcoder sends one for a JSON object where a map wants a string) is INVALID_ARGUMENT
+    `MALFORMED_REQUEST` with the service's ErrorInfo, not grpcio's UNKNOWN (HTTP 500 through Envoy)."""
+    deserialize: Callable[[bytes], Any] = handler.request_deserializer
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception:
+            raise InvalidArgument(
+                "the request message could not be decoded; check its fields' types", reason="MALFORMED_REQUEST"
+            ) from None
+
+    async def decoded(requests: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        async for raw in requests:
+            yield decode(raw)
+
+    kwargs = {"request_deserializer": None, "response_serializer": handler.response_serializer}
+    Context = grpc.aio.ServicerContext[Any, Any]
+    if handler.unary_unary:
+        unary_unary_inner = handler.unary_unary
+
+        async def unary_unary(raw: bytes, context: Context) -> Any:
+            return await unary_unary_inner(decode(raw), context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+    if handler.stream_unary:
+        stream_unary_inner = handler.stream_unary
+
+        async def stream_unary(raws: AsyncIterator[bytes], context: Context) -> Any:
+            return await stream_unary_inner(decoded(raws), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+    if handler.unary_stream:
+        unary_stream_inner = handler.unary_stream
+
+        async def unary_stream(raw: bytes, context: Context) -> AsyncIterator[Any]:
+            async for response in unary_stream_inner(decode(raw), context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+    stream_stream_inner = handler.stream_stream
+
+    async def stream_stream(raws: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
+        async for response in stream_stream_inner(decoded(raws), context):
+            yield response
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+
+
 class ErrorInterceptor(AroundInterceptor):
-    """Turns domain errors into google.rpc.Status; anything unexpected into INTERNAL without internals."""
+    """Turns domain errors into google.rpc.Status; anything unexpected into INTERNAL without internals.
+    It also decodes the request (`_decoding`), so that an undecodable message is one of those errors."""
 
     def __init__(self, domain: str) -> None:
         self._domain = domain
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        async def decoding(call: grpc.HandlerCallDetails) -> Any:
+            handler = await continuation(call)
+            if handler is None or handler.request_deserializer is None:
+                return handler
+            return _decoding(handler)
+
+        return await super().intercept_service(decoding, details)
 
     async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str) -> None:
         if isinstance(error, DomainError):

@@ -47,6 +47,13 @@ class TestJsonCallers:
         assert unknown.status_code == 400, unknown.text
         assert edge_error(unknown) == (3, "INVALID_ARGUMENT", EDGE)
 
+    def test_a_json_object_for_a_map_value_is_400_from_the_service(self, http: httpx.Client) -> None:
+        # Envoy's transcoder turns an object where map<string, string> wants a string into a message that is
+        # not protobuf; the service (not grpcio's UNKNOWN, which was HTTP 500) refuses it.
+        response = http.post("/v1/nodes:register", json={"nodeId": "n1", "node": {"labels": {"zone": {"a": "b"}}}})
+        assert response.status_code == 400, response.text
+        assert edge_error(response) == (3, "MALFORMED_REQUEST", "gpu.far.network")
+
     def test_service_errors_are_not_rewritten(self, http: httpx.Client) -> None:
         response = http.get("/v1/games/no-such-game")
         assert response.status_code == 404

@@ -300,6 +300,49 @@ class TestErrors:
         assert handled("Deny", "PERMISSION_DENIED") == before + 1
 
 
+MALFORMED = b"\x0a\xff"  # field 1, length 255, then nothing: not a protobuf message
+
+
+class TestUndecodableRequests:
+    """A request that is not valid protobuf is INVALID_ARGUMENT with ErrorInfo, whatever the method's kind
+    (Envoy's transcoder sends one for a JSON object where a map<string, string> wants a string)."""
+
+    def expect_malformed(self, error: grpc.aio.AioRpcError) -> None:
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+        info, _ = details(error)
+        assert (info.reason, info.domain) == ("MALFORMED_REQUEST", DOMAIN)
+
+    async def test_unary(self, channel: grpc.aio.Channel) -> None:
+        before = handled("Whoami", "INVALID_ARGUMENT")
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await channel.unary_unary(f"/{PROBE}/Whoami")(MALFORMED)
+        self.expect_malformed(error.value)
+        assert handled("Whoami", "INVALID_ARGUMENT") == before + 1
+
+    async def test_server_stream(self, channel: grpc.aio.Channel) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            [m async for m in channel.unary_stream(f"/{PROBE}/Count")(MALFORMED)]
+        self.expect_malformed(error.value)
+
+    async def test_client_stream_after_good_messages(self, channel: grpc.aio.Channel) -> None:
+        good = Text(value="a").SerializeToString()
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await channel.stream_unary(f"/{PROBE}/Join")(iter([good, MALFORMED]))
+        self.expect_malformed(error.value)
+
+    async def test_bidi_stream_after_good_messages(self, channel: grpc.aio.Channel) -> None:
+        call = channel.stream_stream(f"/{PROBE}/Upper", response_deserializer=Text.FromString)(
+            iter([Text(value="ok").SerializeToString(), MALFORMED])
+        )
+        assert (await call.read()).value == "OK"  # type: ignore[union-attr]
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call.read()
+        self.expect_malformed(error.value)
+
+    async def test_good_requests_still_decode(self, unary: Any) -> None:
+        assert (await unary("Whoami")(Text(value="x"))).value
+
+
 class TestRequestId:
     async def test_the_callers_request_id_is_used(self, unary: Any) -> None:
         response = await unary("RequestId")(Text(), metadata=(("x-request-id", "envoy-abc-123"),))
