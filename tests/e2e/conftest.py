@@ -16,7 +16,10 @@ from eth_account import Account
 
 from devstack.stack import Stack, run_migrations
 
-SERVICES = ["gamed", "auth"]
+# gpu and inference run without a chain (no BSC_RPC_URL: paid models stay unpriced, GPU_MIN_OPERATOR_STAKE unset: no
+# stake check) and without GPU nodes: their calls answer up to "no node serves the model" (FAILED_PRECONDITION). Paid
+# token streaming through Triton is tests/e2e/test_inference_e2e.py's, with a stack of its own.
+SERVICES = ["gamed", "auth", "gpu", "inference"]
 # A fixed dev key whose wallet is the auth service's bootstrap admin in the stack (AUTH_BOOTSTRAP_ADMINS).
 E2E_ADMIN_KEY = "0x" + "e2" * 32
 

@@ -1,12 +1,21 @@
 """schemathesis against the OpenAPI document, through the real Envoy in front of the services that run.
 
-Every operation of the services in the e2e stack (gamed, auth) gets a bounded, deterministic run of
+The run fuzzes the document the edge serves at `/openapi.json`: operations are collected from the committed file
+(envoy.OPENAPI_DOCUMENT; pytest collects before any stack runs), and the run first fetches the edge's document and
+fails unless it is that same document (`edge_document`). schemathesis.pytest.from_fixture would load it from the
+edge directly, but schemathesis 4.32 reads `Function._nodeid`, which pytest 9.2 no longer has.
+
+Every operation of the services in the e2e stack (gamed, auth, gpu, inference) gets a bounded, deterministic run of
 generated requests, valid and invalid, each with a fresh signed-in token that holds every role the
 operations ask for, so that requests get past 401/403 into the services' own rules. Checks: no 5xx,
 an answer within the response-time bound (a hang check; each request also has a timeout), responses
 that agree with the document (status, content type, body schema), invalid requests refused, and every
 error a `google.rpc.Status` JSON body with an ErrorInfo. Operations of services without a server answer
 501 UNIMPLEMENTED by design, with the edge's ErrorInfo naming the service; one request each checks that.
+
+The stack has no chain and no GPU node: inference's Generate and StreamJob never reach their 200 stream here (the
+model has no serving node, no job exists), so the fuzz covers their validation and error answers; their streams are
+tests/e2e/test_inference_e2e.py's.
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ import hypothesis
 import pytest
 import requests
 import schemathesis
+from eth_account import Account
+from far.gpu.v1 import node_pb2
+from google.protobuf import json_format
 from schemathesis import Case, CheckContext, Response
 from schemathesis.checks import max_response_time, not_a_server_error
 from schemathesis.config import SchemathesisConfig
@@ -37,7 +49,9 @@ from schemathesis.specs.openapi.checks import (
 
 from devstack import catalog, envoy
 from devstack.stack import Stack
-from tests.conftest import wallet
+from gpu.agent.registration import new_claim, register_request, sign
+from servers.common.chain import DEV_CHAIN_ID
+from servers.inference.catalog import DEFAULT_MODELS
 from tests.e2e.conftest import SERVICES
 
 pytestmark = pytest.mark.e2e
@@ -50,10 +64,20 @@ RESPONSE_TIME_LIMIT_S = 5.0
 REQUEST_TIMEOUT_S = 10.0
 # Every role an operation of a running service asks for (the access declarations), so calls reach the rules.
 ROLES = ("user", "publisher", "admin")
-FUZZER = wallet(0xF22)
-# A game, build and channel made before the run (`known_resources`): half the valid cases name them, so that
-# requests reach the services' rules past "not found"; the other half keep what was generated.
-KNOWN_PATH_VALUES = {"game": "fuzz-known", "build": "linux-1", "channel": "stable", "account": "me"}
+# The fuzzer's wallet: it signs in (tokens for its address) and operates the known node (it signs the registration).
+FUZZER_KEY = "0x" + "f2" * 32
+FUZZER = Account.from_key(FUZZER_KEY).address.lower()
+# A game, build, channel and GPU node made before the run (`known_resources`) and the catalog's model: half the valid
+# cases name them, so that requests reach the services' rules past "not found"; the other half keep what was
+# generated. No job or quote can exist in this stack (no node serves, no price on chain).
+KNOWN_PATH_VALUES = {
+    "game": "fuzz-known",
+    "build": "linux-1",
+    "channel": "stable",
+    "account": "me",
+    "node": "fuzz-node",
+    "model": DEFAULT_MODELS[0].id,
+}
 # Ids a caller picks at creation: valid ones (derived from the generated value) let creates happen.
 CREATE_ID_PARAMETERS = ("gameId", "buildId", "channelId")
 
@@ -124,28 +148,59 @@ def _enum_numbers() -> dict[str, frozenset[int]]:
 ENUM_NUMBERS = _enum_numbers()
 
 
+def _operation(case: AnyCase) -> dict[str, Any]:
+    operation: dict[str, Any] = document.raw_schema["paths"][case.operation.path][case.method.lower()]
+    return operation
+
+
 def _query_enum_given_by_number(case: AnyCase, name: str) -> bool:
     """Whether query parameter `name` is an enum and was sent as one of its value numbers."""
-    operation = document.raw_schema["paths"][case.operation.path][case.method.lower()]
+    operation = _operation(case)
     (parameter,) = [p for p in operation["parameters"] if p["in"] == "query" and p["name"] == name]
     enum = str(parameter["schema"].get("$ref", "")).removeprefix("#/components/schemas/")
     value = str((case.query or {}).get(name))
     return re.fullmatch(r"[0-9]{1,10}", value) is not None and int(value) in ENUM_NUMBERS.get(enum, frozenset())
 
 
+def _missing_fields_come_from_the_path(case: AnyCase) -> bool:
+    """Whether the body leaves out required top-level fields only where the URL path fills a part of them, as
+    `/v1/nodes/{node}` fills `node.name`: the service gets those fields set whatever the body says."""
+    if not isinstance(case.body, dict):
+        return False
+    schema = _operation(case)["requestBody"]["content"]["application/json"]["schema"]
+    if "$ref" in schema:
+        schema = document.raw_schema["components"]["schemas"][schema["$ref"].removeprefix("#/components/schemas/")]
+    missing = [name for name in schema.get("required", ()) if name not in case.body]
+    bound = {binding.split(".")[0] for binding in _operation(case).get("x-grpc-path-bindings", {})}
+    snake = [re.sub(r"[A-Z]", lambda upper: "_" + upper.group(0).lower(), name) for name in missing]
+    return bool(missing) and all(field in bound for field in snake)
+
+
 _ABSENT = object()
 
 
 def _body_value(body: object, pointer: str) -> object:
-    """The value `pointer` (`/properties/a/properties/b/type`, into the body schema) names in the body sent."""
-    for name in pointer.strip("/").split("/")[1::2]:
+    """The value `pointer` (`/properties/a/allOf/0/properties/b/type`, into the body schema) names in the body sent."""
+    parts = pointer.strip("/").split("/")
+    index = 0
+    while index < len(parts):
+        if parts[index] != "properties" or index + 1 == len(parts):
+            index += 1
+            continue
+        name = parts[index + 1]
         if not isinstance(body, dict) or name not in body:
             return _ABSENT
         body = body[name]
+        index += 2
     return body
 
 
 def _mutation_read_by_proto_json(case: AnyCase, mutation: Mutation) -> bool:
+    if (
+        mutation.parameter_location == ParameterLocation.BODY
+        and mutation.operator == OperatorKind.REMOVE_REQUIRED_PROPERTY
+    ):
+        return not mutation.path and _missing_fields_come_from_the_path(case)
     if mutation.parameter_location == ParameterLocation.BODY:
         return mutation.operator == OperatorKind.CHANGE_TYPE and mutation.new_value == "null"
     if mutation.parameter_location == ParameterLocation.QUERY and mutation.parameter:
@@ -155,11 +210,20 @@ def _mutation_read_by_proto_json(case: AnyCase, mutation: Mutation) -> bool:
 
 def _read_by_proto_json(case: AnyCase) -> bool:
     """Whether the invalid part of a negative case is a form proto3 JSON also reads (Envoy's transcoder does):
-    JSON null for "unset", or an enum given by its number. The document shows only the canonical forms."""
+    JSON null for "unset", an enum given by its number, or no body at all, which the transcoder reads as `{}` (the
+    service cannot tell the two apart; an empty update is valid, AIP-134). The document shows only the canonical
+    forms and marks every body required. Also a required body field left out whose part the URL path fills."""
     data = case.meta.phase.data if case.meta is not None else None
     if isinstance(data, CoveragePhaseData):
         if data.parameter_location == ParameterLocation.QUERY and data.parameter:
             return _query_enum_given_by_number(case, data.parameter)
+        if data.parameter_location == ParameterLocation.BODY and data.scenario == CoverageScenario.MISSING_PARAMETER:
+            return True
+        if data.parameter_location == ParameterLocation.BODY and data.location == "/required":
+            return (
+                data.scenario == CoverageScenario.OBJECT_MISSING_REQUIRED_PROPERTY
+                and _missing_fields_come_from_the_path(case)
+            )
         if data.parameter_location == ParameterLocation.BODY and data.location:
             null_given = _body_value(case.body, data.location) is None
             return data.scenario == CoverageScenario.INCORRECT_TYPE and null_given
@@ -193,6 +257,14 @@ def http_session() -> Iterator[requests.Session]:
 
 
 @pytest.fixture(scope="module")
+def edge_document(stack: Stack, http_session: requests.Session) -> None:
+    """The edge serves the document the run fuzzes (and whose operations it collected)."""
+    response = http_session.get(f"{stack.envoy_http_url}/openapi.json", timeout=REQUEST_TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    assert response.json() == document.raw_schema, "the edge serves another document than envoy.OPENAPI_DOCUMENT"
+
+
+@pytest.fixture(scope="module")
 def fresh_auth(make_token: Callable[..., str]) -> Callable[[], dict[str, str]]:
     """A new token for every request: generated calls include SignOut, which revokes the token it carries."""
     return lambda: {"Authorization": f"Bearer {make_token(FUZZER, ROLES)}"}
@@ -200,8 +272,10 @@ def fresh_auth(make_token: Callable[..., str]) -> Callable[[], dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def known_resources(stack: Stack, make_token: Callable[..., str]) -> None:
-    """The game, build and channel of KNOWN_PATH_VALUES, owned by the fuzzer's wallet."""
+    """The game, build, channel and node of KNOWN_PATH_VALUES, owned by the fuzzer's wallet."""
     game = KNOWN_PATH_VALUES["game"]
+    claim = new_claim(KNOWN_PATH_VALUES["node"], "127.0.0.1:8001", FUZZER_KEY, DEV_CHAIN_ID)
+    registration = register_request(claim, sign(claim, FUZZER_KEY), node_pb2.Node(cpu_cores=8))
     auth = {"Authorization": f"Bearer {make_token(FUZZER, ROLES)}"}
     calls: list[tuple[str, dict[str, Any]]] = [
         (f"/v1/games?gameId={game}", {"displayName": "Fuzz target"}),
@@ -215,6 +289,7 @@ def known_resources(stack: Stack, make_token: Callable[..., str]) -> None:
         ),
         (f"/v1/games/{game}/channels?channelId=stable", {}),
         (f"/v1/games/{game}/channels/stable:promote", {"build": f"games/{game}/builds/linux-1"}),
+        ("/v1/nodes:register", json_format.MessageToDict(registration)),
     ]
     with requests.Session() as session:
         for path, body in calls:
@@ -222,7 +297,7 @@ def known_resources(stack: Stack, make_token: Callable[..., str]) -> None:
             assert response.status_code == 200, response.text
 
 
-@pytest.mark.usefixtures("known_resources")
+@pytest.mark.usefixtures("edge_document", "known_resources")
 @served.parametrize()
 @hypothesis.settings(deadline=None)
 def test_running_services_hold_their_contract(
