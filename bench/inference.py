@@ -119,8 +119,8 @@ SPLIT = Placement(
     frozenset({1}),
     frozenset({0}),
     "Triton (tritonserver, its Python stub and llama.cpp's threads) pinned to CPU 1; the inference server, "
-    "Envoy and the client pinned to CPU 0 (PostgreSQL and Redis are system services, not pinned): the model "
-    "has hardware of its own, as on a GPU node",
+    "Envoy, the client (and PostgreSQL and Redis when the bench starts them) pinned to CPU 0: the model has "
+    "hardware of its own, as on a GPU node",
 )
 PLACEMENTS = {p.name: p for p in (SHARED, SPLIT)}
 
