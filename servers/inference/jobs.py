@@ -124,8 +124,10 @@ async def create(
     *,
     streamed: bool,
     job_id: str | None = None,
+    started_on: str | None = None,
 ) -> tuple[JobRow, bool]:
-    """Insert the job (QUEUED), consuming its payment; returns (row, created).
+    """Insert the job (QUEUED, or RUNNING on node `started_on` for one that started at once), consuming its
+    payment; returns (row, created).
 
     created is False when the caller already has a job with this request id (that job is returned, and
     nothing is consumed). PAYMENT_ALREADY_USED (metadata `job`) when the payment paid a job before.
@@ -146,14 +148,15 @@ async def create(
         input=job_input(spec.job),
         max_tokens=spec.job.max_tokens,
         max_prompt_tokens=spec.generation.max_prompt_tokens,
-        state=job_pb2.Job.STATE_QUEUED,
-        node="",
+        state=job_pb2.Job.STATE_QUEUED if started_on is None else job_pb2.Job.STATE_RUNNING,
+        node=started_on or "",
         prompt_tokens=0,
         completion_tokens=0,
         finish_reason=0,
         output_text="",
         quote=spec.quote,
         create_time=now,
+        start_time=None if started_on is None else now,
     )
     if paid is not None:
         try:

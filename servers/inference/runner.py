@@ -129,13 +129,14 @@ class Runner:
         generation: Generation,
         listener: Listener | None = None,
         *,
-        gate: asyncio.Future[None] | None = None,
+        gate: asyncio.Future[JobRow] | None = None,
         accepted: asyncio.Future[int] | None = None,
     ) -> None:
         """Run the job in a task (a slot must be reserved for it).
 
         With a `gate`, generation starts now but nothing is written or delivered until the gate is set: the
-        caller creates the job (payment, row) meanwhile. A gate set with an exception cancels the generation
+        caller creates the job (payment, row; inserted RUNNING) meanwhile and sets the gate with its row. A
+        gate set with an exception cancels the generation
         and leaves no trace (the job does not exist). `accepted` resolves with the prompt's token count once the
         model took the prompt, or fails with the domain error that stopped it first (PROMPT_TOO_LONG, no node).
         """
@@ -144,6 +145,11 @@ class Runner:
         running.task = asyncio.create_task(
             self._run(job_id, owner, model, generation, running, gate, accepted), name=f"job:{job_id}"
         )
+
+    def node_for(self, model: ModelSpec) -> str:
+        """The node a job of `model` starting now is placed on, as the job row records it."""
+        node = self._directory.pick(model.served_as)
+        return node.name if node else ""
 
     def cancel(self, job_id: str, reason: str = "JOB_CANCELLED") -> asyncio.Task[None] | None:
         """Cancel a job running here: its task (done once the ending is written), or None when it does not run
@@ -202,7 +208,7 @@ class Runner:
         model: ModelSpec,
         generation: Generation,
         running: _Running,
-        gate: asyncio.Future[None] | None,
+        gate: asyncio.Future[JobRow] | None,
         accepted: asyncio.Future[int] | None = None,
     ) -> None:
         writer: TokenWriter | None = None
@@ -252,9 +258,10 @@ class Runner:
         if accepted is not None:
             generating.add_done_callback(lambda done: _settle(accepted, done))
         try:
+            started: JobRow | None = None
             if gate is not None:
                 try:
-                    await gate
+                    started = await gate
                 except BaseException:  # the job was never created: stop the model, leave no trace
                     generating.cancel()
                     with contextlib.suppress(BaseException):
@@ -268,18 +275,22 @@ class Runner:
             for piece in held:
                 deliver(piece)
             held.clear()
-            node = self._directory.pick(model.served_as)
-            async with self._db.transaction() as uow:
-                row = await repository.mark_started(
-                    uow.session, job_id, node=node.name if node else "", start_time=datetime.now(UTC)
-                )
-                if row is None:  # cancelled while it waited
-                    generating.cancel()
-                    return
-                create_time = row.create_time
-                if row.start_time is not None:
-                    metrics.QUEUE_TIME.labels(model.id).observe((row.start_time - row.create_time).total_seconds())
-                uow.publish(JOBS_TOPIC, convert.job(row, with_output=False))
+            if started is not None:  # inserted RUNNING by the caller: it never waited
+                create_time = started.create_time
+                metrics.QUEUE_TIME.labels(model.id).observe(0.0)
+            else:
+                async with self._db.transaction() as uow:
+                    row = await repository.mark_started(
+                        uow.session, job_id, node=self.node_for(model), start_time=datetime.now(UTC)
+                    )
+                    if row is None:  # cancelled while it waited
+                        generating.cancel()
+                        return
+                    create_time = row.create_time
+                    if row.start_time is not None:
+                        queued_s = (row.start_time - row.create_time).total_seconds()
+                        metrics.QUEUE_TIME.labels(model.id).observe(queued_s)
+                    uow.publish(JOBS_TOPIC, convert.job(row, with_output=False))
             result = await generating
             result.text = outcome.text
             outcome = result

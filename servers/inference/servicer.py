@@ -26,6 +26,7 @@ from servers.inference import convert, jobs, repository, streams
 from servers.inference.admission import Admission, Ticket
 from servers.inference.catalog import Catalog, ModelSpec
 from servers.inference.executor import error_status
+from servers.inference.models import JobRow
 from servers.inference.nodes import NodeDirectory
 from servers.inference.prices import Prices
 from servers.inference.quotes import Quotes, token_amount
@@ -142,12 +143,22 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         return convert.job(existing) if existing is not None else None
 
     async def _create(
-        self, principal: Principal, spec: JobSpec, paid: jobs.Paid | None, ticket: Ticket, *, streamed: bool
-    ) -> tuple[job_pb2.Job, bool]:
-        """Insert the admitted job (consuming its payment); withdraws the admission if it is not created."""
+        self,
+        principal: Principal,
+        spec: JobSpec,
+        paid: jobs.Paid | None,
+        ticket: Ticket,
+        *,
+        streamed: bool,
+        started_on: str | None = None,
+    ) -> tuple[job_pb2.Job, bool, JobRow]:
+        """Insert the admitted job (consuming its payment; RUNNING on `started_on` when it started at once);
+        withdraws the admission if it is not created."""
         try:
             async with self._p.database.transaction() as uow:
-                row, created = await jobs.create(uow, principal, spec, paid, streamed=streamed, job_id=ticket.job)
+                row, created = await jobs.create(
+                    uow, principal, spec, paid, streamed=streamed, job_id=ticket.job, started_on=started_on
+                )
                 message = convert.job(row)
                 if created:
                     message.queue_position = ticket.position
@@ -157,7 +168,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             raise
         if not created:
             await self._p.admission.withdraw(ticket, principal.subject)
-        return message, created
+        return message, created, row
 
     async def _start_here(self, model: ModelSpec) -> bool:
         """Whether a job of `model` may start on this replica now (a slot taken for it): a free slot and
@@ -182,7 +193,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         job_id = jobs.job_id_for(paid.quote if paid is not None else None)
         try:
             ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject, queued=not here)
-            message, created = await self._create(principal, spec, paid, ticket, streamed=False)
+            message, created, _ = await self._create(principal, spec, paid, ticket, streamed=False)
         except BaseException:
             if here:
                 self._p.runner.unreserve(model)
@@ -224,7 +235,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             # admitted and recorded; its pieces are held until that is done (none reaches the caller unpaid).
             queue: asyncio.Queue[Piece | pb.GenerateEnd | streams.Interrupt] = asyncio.Queue()
             loop = asyncio.get_running_loop()
-            gate: asyncio.Future[None] = loop.create_future()
+            gate: asyncio.Future[JobRow] = loop.create_future()
             accepted: asyncio.Future[int] = loop.create_future()
             self._p.runner.start(
                 job_id, principal.subject, model, spec.generation, queue.put_nowait, gate=gate, accepted=accepted
@@ -235,7 +246,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 # was paid for ends the call here, before the payment is consumed.
                 await accepted
                 ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject, queued=False)
-                message, created = await self._create(principal, spec, paid, ticket, streamed=True)
+                # Inserted RUNNING: one transaction and one job event fewer than QUEUED, then started.
+                message, created, row = await self._create(
+                    principal, spec, paid, ticket, streamed=True, started_on=self._p.runner.node_for(model)
+                )
                 if not created:
                     raise _Duplicate(message)
             except _Duplicate as duplicate:
@@ -250,7 +264,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 else:
                     gate.set_exception(error)
                 raise
-            gate.set_result(None)
+            gate.set_result(row)
             yield streams.job_message(message)
             finished = False
             self._listeners.add(queue)
@@ -265,7 +279,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             return
         paid = await jobs.pay(self._p.chain, principal.subject, spec, quote)
         ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject)
-        message, created = await self._create(principal, spec, paid, ticket, streamed=True)
+        message, created, _ = await self._create(principal, spec, paid, ticket, streamed=True)
         yield streams.job_message(message)
         try:
             finished = False

@@ -70,7 +70,8 @@ class Job(_message.Message):
 
     A job is created by Generate (which streams it) or CreateJob (which returns at once),
     waits in the admission queue (QUEUED), runs on one GPU node (RUNNING) and ends
-    SUCCEEDED, FAILED or CANCELLED. Its tokens are kept as a stream in Redis, so StreamJob can
+    SUCCEEDED, FAILED or CANCELLED. A Generate call that finds a free node starts at once: its
+    job is RUNNING from the start (its job events are then RUNNING, then the end). Its tokens are kept as a stream in Redis, so StreamJob can
     replay and follow them; the whole output is kept in `output_text` once the job ends.
     Jobs are private: only their owner (and admins and operators) can see them.
     """
