@@ -26,21 +26,37 @@ TEST_JWT_SECRET = "far-test-secret-" + "0123456789abcdef" * 2
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A database of this run's own, dropped at the end."""
+def new_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], str]]:
+    """`new_database(name)` -> the URL of a database `far_test_<run>_<name>` of this run's own (`database_url`
+    is `new_database("")`); every one is dropped at the end. For stacks of servers whose background work
+    (sweepers, dispatchers) must not act on another stack's rows."""
     server_url = os.environ.get("DATABASE_URL", "").strip()
     embedded = None
     if not server_url:
         embedded = start_postgres(tmp_path_factory.mktemp("postgres"))
         server_url = embedded.url
-    name = f"far_test_{RUN_ID}"
-    asyncio.run(run_admin_statement(server_url, f'CREATE DATABASE "{name}"'))
+    made: dict[str, str] = {}
+
+    def make(suffix: str) -> str:
+        name = f"far_test_{RUN_ID}" + (f"_{suffix}" if suffix else "")
+        if name not in made:
+            asyncio.run(run_admin_statement(server_url, f'CREATE DATABASE "{name}"'))
+            made[name] = with_database(server_url, name)
+        return made[name]
+
     try:
-        yield with_database(server_url, name)
+        yield make
     finally:
-        asyncio.run(run_admin_statement(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        for name in made:
+            asyncio.run(run_admin_statement(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         if embedded is not None and embedded.started:
             embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(new_database: Callable[[str], str]) -> str:
+    """A database of this run's own, dropped at the end."""
+    return new_database("")
 
 
 @pytest.fixture(scope="session")

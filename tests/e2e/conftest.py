@@ -8,7 +8,7 @@ Logs: `stack.log_dir` (printed when a test fails).
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import grpc
 import pytest
@@ -25,14 +25,38 @@ E2E_ADMIN_KEY = "0x" + "e2" * 32
 
 
 @pytest.fixture(scope="session")
-def stack_env(
-    database_url: str, redis_url: str, redis_key_prefix: str, jwt_secret: str, tmp_path_factory: pytest.TempPathFactory
+def isolated_env(
+    new_database: Callable[[str], str],
+    redis_url: str,
+    redis_key_prefix: str,
+    jwt_secret: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[str], dict[str, str]]:
+    """`isolated_env(name)` -> the environment of a stack's server processes with a database and a Redis key
+    prefix of their own (`far_test_<run>_<name>`, `<run prefix><name>:`): the stacks of one run, and the
+    in-process servers of other tests, must not take each other's queued jobs or sweep each other's nodes."""
+
+    def make(name: str) -> dict[str, str]:
+        return stack_environment(
+            new_database(name), redis_url, f"{redis_key_prefix}{name}:", jwt_secret, tmp_path_factory
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def stack_env(isolated_env: Callable[[str], dict[str, str]]) -> dict[str, str]:
+    """What every server process of the shared e2e stack gets."""
+    return isolated_env("e2e")
+
+
+def stack_environment(
+    database_url: str, redis_url: str, key_prefix: str, jwt_secret: str, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, str]:
-    """What every server process of the stack gets: this run's database, Redis prefix and JWT secret."""
     return {
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
-        "REDIS_KEY_PREFIX": redis_key_prefix,
+        "REDIS_KEY_PREFIX": key_prefix,
         "JWT_SECRET": jwt_secret,
         "JWT_KEY_ID": "k1",
         "LOG_LEVEL": "info",

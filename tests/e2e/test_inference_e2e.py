@@ -45,11 +45,11 @@ def dev_chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevChain]:
 
 @pytest.fixture(scope="module")
 def platform(
-    stack_env: dict[str, str], dev_chain: DevChain, tmp_path_factory: pytest.TempPathFactory
+    isolated_env: Callable[[str], dict[str, str]], dev_chain: DevChain, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Stack, LocalNode]]:
     run_dir = tmp_path_factory.mktemp("inference-stack")
     env = {
-        **stack_env,
+        **isolated_env("inference"),
         **dev_chain.env(),
         "GPU_REPORT_INTERVAL_S": "1",
         "INFERENCE_NODES_REFRESH_S": "0.5",

@@ -39,7 +39,7 @@ def collector() -> Iterator[TraceCollector]:
 
 @pytest.fixture(scope="module")
 def traced(
-    stack_env: dict[str, str], collector: TraceCollector, tmp_path_factory: pytest.TempPathFactory
+    isolated_env: Callable[[str], dict[str, str]], collector: TraceCollector, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     run_dir: Path = tmp_path_factory.mktemp("traced-inference")
     triton = TritonProcess.start(
@@ -55,8 +55,7 @@ def traced(
             json.dumps([{"id": CHAT_MODEL, "context_length": 2048, "max_output_tokens": 256, "free": True}])
         )
         env = {
-            **stack_env,
-            "REDIS_KEY_PREFIX": f"{stack_env['REDIS_KEY_PREFIX']}traced-{secrets.token_hex(3)}:",
+            **isolated_env("traced"),
             "BSC_RPC_URL": "",
             "INFERENCE_MODELS_FILE": str(catalog),
             "INFERENCE_STATIC_NODES": f"{CHAT_MODEL}=traced@{triton.grpc_url}",
