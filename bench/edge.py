@@ -38,6 +38,7 @@ import grpc
 from far.gamed.v1 import build_pb2, game_pb2, gamed_service_pb2, gamed_service_pb2_grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from bench.results_file import write_section
 from bench.scratch import scratch
 from devstack.stack import Stack, run_migrations
 from servers.common.auth import JwtKeys, TokenIssuer
@@ -294,12 +295,7 @@ the Python client, so compare `json_via_envoy` with its own history, not with th
 
 Figures as JSON: `bench/results/edge.json`.
 {END}"""
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS_MD.write_text(text)
+    write_section(RESULTS_MD, BEGIN, END, section)
 
 
 PATHS = ("grpc_direct", "grpc_via_envoy", "json_via_envoy")

@@ -58,6 +58,7 @@ from far.inference.v1 import inference_service_pb2_grpc, job_pb2
 from tritonclient.grpc import InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 
+from bench.results_file import write_section
 from bench.scratch import scratch
 from devstack.stack import Stack, run_migrations
 from gpu.triton import CHAT_MODEL, MODEL_REPOSITORY, SHM_DIR, TritonProcess, _stub_shm_regions
@@ -631,12 +632,7 @@ top-level keys are the **{headline.placement.name}** placement's.
 
 Figures as JSON: `bench/results/inference.json`.
 {END}"""
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS_MD.write_text(text)
+    write_section(RESULTS_MD, BEGIN, END, section)
 
 
 def _placement_section(m: Measured) -> str:
