@@ -73,8 +73,15 @@ def _table_header(*columns: str) -> str:
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
-RESULTS_JSON = ROOT / "bench" / "results" / "inference.json"
-BEGIN, END = "<!-- inference:begin -->", "<!-- inference:end -->"
+RESULTS_DIR = ROOT / "bench" / "results"
+
+
+def _outputs(tag: str) -> tuple[Path, str, str]:
+    """The JSON file and the RESULTS.md markers of a run: `inference`, or `inference-<tag>` for a variant."""
+    name = f"inference-{tag}" if tag else "inference"
+    return RESULTS_DIR / f"{name}.json", f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
 JWT_SECRET = "bench-" + secrets.token_hex(24)
 ACCOUNT = "0x" + "b1" * 20
 PATHS = ("triton_direct", "service_direct", "via_envoy")
@@ -93,6 +100,7 @@ ADDED_HEADER = _table_header(
     "service direct: tokens/s ratio",
 )  # fmt: skip
 LLAMA_SLOTS = 4
+"""The model's concurrent generations by default (`--slots`): 16 streams then queue 12 in Triton."""
 STORES = {"postgres": "DATABASE_URL", "redis": "REDIS_URL"}
 # A round of 16 streams takes seconds; one that takes this long is stuck (the model's stub died).
 ROUND_TIMEOUT_S = 60.0
@@ -332,10 +340,17 @@ class Rig:
     """Triton, the inference server and Envoy, with a client for each path; started again after a Triton crash."""
 
     def __init__(
-        self, work: Path, env: Mapping[str, str], token: str, request: pb.GenerateRequest, placement: Placement
+        self,
+        work: Path,
+        env: Mapping[str, str],
+        token: str,
+        request: pb.GenerateRequest,
+        placement: Placement,
+        slots: int = LLAMA_SLOTS,
     ) -> None:
         self._work = work
         self.placement = placement
+        self.slots = slots
         self._env = env
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._request = request
@@ -360,7 +375,7 @@ class Rig:
                 MODEL_REPOSITORY,
                 run / "triton",
                 load_models=[CHAT_MODEL],
-                env={"FAR_LLAMA_SLOTS": str(LLAMA_SLOTS), "FAR_LLAMA_THREADS": "1"},
+                env={"FAR_LLAMA_SLOTS": str(self.slots), "FAR_LLAMA_THREADS": "1"},
             )
         finally:
             if self.placement.platform_cpus is not None:
@@ -509,7 +524,7 @@ async def _measure(
 async def _warm_up(rig: Rig) -> None:
     """Connections, every llama slot, the server's code paths."""
     for path in PATHS:
-        for concurrency in (1, LLAMA_SLOTS):
+        for concurrency in (1, rig.slots):
             await rig.round(path, concurrency, Tally())
 
 
@@ -590,10 +605,12 @@ def _headline(measured: list[Measured]) -> Measured:
     return next((m for m in measured if m.placement is SHARED), measured[0])
 
 
-def _write_results(measured: list[Measured], machine: dict[str, str]) -> None:
+def _write_results(measured: list[Measured], machine: dict[str, str], tag: str = "") -> None:
     headline = _headline(measured)
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_JSON.write_text(
+    results_json, begin, end = _outputs(tag)
+    slots = headline.context["llama_slots"]
+    results_json.parent.mkdir(parents=True, exist_ok=True)
+    results_json.write_text(
         json.dumps(
             {
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -615,24 +632,26 @@ def _write_results(measured: list[Measured], machine: dict[str, str]) -> None:
         + "\n"
     )
     sections = "\n\n".join(_placement_section(m) for m in measured)
-    section = f"""{BEGIN}
-## Inference: Triton direct vs Generate through the platform (`make bench`, `bench/inference.py`)
+    placement = "" if len(measured) > 1 else f" --placement {measured[0].placement.name}"
+    title = "" if not tag else f", {slots} slots (`python -m bench.inference{placement} --slots {slots} --tag {tag}`)"
+    section = f"""{begin}
+## Inference: Triton direct vs Generate through the platform (`make bench`, `bench/inference.py`){title}
 
 Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine["cpu"]}, {machine["cores"]} cores, {machine["memory"]};
 Python {machine["python"]}, Envoy {machine["envoy"]}. One tritonserver (SmolLM2-135M Q4_1 on llama.cpp,
-{LLAMA_SLOTS} slots x 1 thread, CPU), one inference server process, Envoy with 2 workers; every figure is
+{slots} slots x 1 thread, CPU), one inference server process, Envoy with 2 workers; every figure is
 Triton direct against the platform on the same Triton in the same run. {headline.context["max_tokens"]} tokens
 per stream, temperature 0, seed {SEED}, one chat prompt; the model is free in the bench's catalog, so no payment
 is verified. Streams per row = rounds x concurrency; paths take turns in every round. Two placements, one after
 the other: **shared** (everything on both cores) and **split** (the model on a core of its own, as on a GPU
-node, where the model never shares the platform's CPUs). `bench/results/inference.json` carries both; its
+node, where the model never shares the platform's CPUs). `{results_json.relative_to(ROOT)}` carries both; its
 top-level keys are the **{headline.placement.name}** placement's.
 
 {sections}
 
-Figures as JSON: `bench/results/inference.json`.
-{END}"""
-    write_section(RESULTS_MD, BEGIN, END, section)
+Figures as JSON: `{results_json.relative_to(ROOT)}`.
+{end}"""
+    write_section(RESULTS_MD, begin, end, section)
 
 
 def _placement_section(m: Measured) -> str:
@@ -693,6 +712,10 @@ def main() -> int:
         default="both",
         help="shared: every process on every core; split: the model on CPU 1, the platform on CPU 0 (default both)",
     )
+    parser.add_argument("--slots", type=int, default=LLAMA_SLOTS, help="the model's concurrent generations")
+    parser.add_argument(
+        "--tag", default="", help="a variant's name: figures go to inference-<tag>.json and a section of their own"
+    )
     args = parser.parse_args()
     placements = list(PLACEMENTS.values()) if args.placement == "both" else [PLACEMENTS[args.placement]]
     every_cpu = os.sched_getaffinity(0)
@@ -720,13 +743,13 @@ def main() -> int:
                 INFERENCE_MAX_JOBS_PER_ACCOUNT=str(4 * max(ROUNDS)),
             )
             token = TokenIssuer(JwtKeys("k1", {"k1": JWT_SECRET})).issue(ACCOUNT, ["user"], ttl_s=3600)
-            rig = Rig(run.work, env, token, _generate_request(args.tokens), placement)
+            rig = Rig(run.work, env, token, _generate_request(args.tokens), placement, args.slots)
             run_migrations(["inference"], env, log_path=run.work / "migrations.log")
             cases, texts, crashes, affinity = asyncio.run(_measure(rig, args))
         context = {
             "max_tokens": args.tokens,
             "rounds": {str(c): max(1, round(r * args.rounds)) for c, r in ROUNDS.items()},
-            "llama_slots": LLAMA_SLOTS,
+            "llama_slots": args.slots,
             "load_average": {"start": load_start, "end": os.getloadavg()[0]},
             "same_text_on_every_path": len({text for found in texts.values() for text in found}) == 1,
             "triton_crashes": crashes,
@@ -737,8 +760,8 @@ def main() -> int:
         measured.append(Measured(placement, cases, _summary(cases), context))
         print(json.dumps({"placement": placement.name, **context, **measured[-1].summary}, indent=2), flush=True)
     os.sched_setaffinity(0, every_cpu)
-    _write_results(measured, _machine())
-    print(f"written: {RESULTS_MD.relative_to(ROOT)}, {RESULTS_JSON.relative_to(ROOT)}")
+    _write_results(measured, _machine(), args.tag)
+    print(f"written: {RESULTS_MD.relative_to(ROOT)}, {_outputs(args.tag)[0].relative_to(ROOT)}")
     return 0
 
 
