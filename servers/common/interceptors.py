@@ -56,10 +56,13 @@ async def abort_with_error(context: grpc.aio.ServicerContext[Any, Any], error: D
     await context.abort_with_status(rpc_status.to_status(to_rpc_status(error, domain)))
 
 
-def wrap_handler(handler: Any, around_unary: UnaryAround, around_stream: StreamAround) -> Any:
-    """The handler with its behavior called through `around_unary` or `around_stream`, whatever its kind."""
+def wrap_handler(
+    handler: Any, around_unary: UnaryAround, around_stream: StreamAround, *, raw_requests: bool = False
+) -> Any:
+    """The handler with its behavior called through `around_unary` or `around_stream`, whatever its kind.
+    `raw_requests`: gRPC hands the wrappers the request bytes, which they decode themselves."""
     kwargs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": None if raw_requests else handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     # grpc.aio tells coroutines and async generators apart by inspecting the function, so the
@@ -365,37 +368,13 @@ def _decoding(handler: Any) -> Any:
         async for raw in requests:
             yield decode(raw)
 
-    kwargs = {"request_deserializer": None, "response_serializer": handler.response_serializer}
-    Context = grpc.aio.ServicerContext[Any, Any]
-    if handler.unary_unary:
-        unary_unary_inner = handler.unary_unary
+    # A request stream is decoded message by message, as the servicer reads it.
+    decode_request: Callable[[Any], Any] = decoded if handler.request_streaming else decode
 
-        async def unary_unary(raw: bytes, context: Context) -> Any:
-            return await unary_unary_inner(decode(raw), context)
+    def around(behavior: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return behavior(decode_request(request), context)
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
-    if handler.stream_unary:
-        stream_unary_inner = handler.stream_unary
-
-        async def stream_unary(raws: AsyncIterator[bytes], context: Context) -> Any:
-            return await stream_unary_inner(decoded(raws), context)
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
-    if handler.unary_stream:
-        unary_stream_inner = handler.unary_stream
-
-        async def unary_stream(raw: bytes, context: Context) -> AsyncIterator[Any]:
-            async for response in unary_stream_inner(decode(raw), context):
-                yield response
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
-    stream_stream_inner = handler.stream_stream
-
-    async def stream_stream(raws: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
-        async for response in stream_stream_inner(decoded(raws), context):
-            yield response
-
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+    return wrap_handler(handler, around, around, raw_requests=True)
 
 
 class ErrorInterceptor(AroundInterceptor):
