@@ -9,6 +9,7 @@ from decimal import Decimal, InvalidOperation
 from servers.common.chain import DEV_CHAIN_ID
 from servers.common.config import ConfigError, Env
 from servers.common.validation import WALLET_ADDRESS
+from servers.gpu.telemetry_store import RETENTION_DAYS
 
 FAR_DECIMALS = 18
 _WEI = re.compile(r"^([0-9]+)\s*wei\Z", re.IGNORECASE)
@@ -83,6 +84,6 @@ class GpuSettings:
                 dynamodb_endpoint=endpoint,
                 dynamodb_region=env.text("GPU_DYNAMODB_REGION") or env.text("AWS_REGION") or "us-east-1",
                 create_table=env.choice("GPU_DYNAMODB_CREATE_TABLE", "false", ("true", "false")) == "true",
-                retention_days=env.integer("GPU_TELEMETRY_RETENTION_DAYS", 30, minimum=1, maximum=3650),
+                retention_days=env.integer("GPU_TELEMETRY_RETENTION_DAYS", RETENTION_DAYS, minimum=1, maximum=3650),
             ),
         )
