@@ -19,6 +19,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from opentelemetry import propagate, trace
 from tritonclient.grpc.aio import InferenceServerClient
 
+from servers.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from servers.inference.nodes import NodeDirectory, NodeInfo
 from servers.inference.triton_stream import (
     Accepted,
@@ -27,6 +28,7 @@ from servers.inference.triton_stream import (
     NodeError,
     Piece,
     PromptTooLong,
+    count_prompt,
     stream_generation,
 )
 
@@ -162,3 +164,33 @@ async def execute(
     if not tried:
         return _failed("MODEL_UNAVAILABLE", f"no healthy node serves {model}", outcome)
     return _failed("NODE_FAILED", f"{len(tried)} node(s) failed before the first token", outcome)
+
+
+async def count(
+    directory: NodeDirectory, clients: Clients, model: str, generation: Generation, *, max_attempts: int = 2
+) -> int:
+    """The prompt's length on a node serving `model` (its tokenizer, no slot), checked against the generation's
+    `max_prompt_tokens`. For a job that is paid and queued before any node sees it: a prompt the model would
+    refuse is refused now, before the payment is consumed. InvalidArgument `PROMPT_TOO_LONG`;
+    FailedPrecondition `MODEL_UNAVAILABLE` (no node); Unavailable `NODE_FAILED` (with RetryInfo) when the nodes
+    tried all failed."""
+    tried: list[str] = []
+    while len(tried) < max_attempts:
+        node = directory.pick(model, exclude=tried)
+        if node is None:
+            break
+        tried.append(node.endpoint)
+        headers: dict[str, str] = {}
+        propagate.inject(headers)
+        try:
+            return await count_prompt(clients.get(node), model, generation, headers=headers)
+        except PromptTooLong as error:
+            raise InvalidArgument(f"the prompt is too long: {error}", reason="PROMPT_TOO_LONG") from None
+        except NodeError as error:
+            log.warning("node failed to count a prompt", node=node.name, error=str(error))
+            directory.failed(node)
+    if not tried:
+        raise FailedPrecondition(f"no healthy node serves {model} now", reason="MODEL_UNAVAILABLE")
+    problem = Unavailable(f"{len(tried)} node(s) failed to check the prompt; nothing was charged", reason="NODE_FAILED")
+    problem.retry_after_s = 1.0
+    raise problem

@@ -26,7 +26,7 @@ from servers.common.errors import DomainError, FailedPrecondition, InvalidArgume
 from servers.inference import convert, metrics, repository
 from servers.inference.admission import Admission
 from servers.inference.catalog import ModelSpec
-from servers.inference.executor import Clients, Outcome, error_status, execute
+from servers.inference.executor import Clients, Outcome, count, error_status, execute
 from servers.inference.jobs import JOBS_TOPIC
 from servers.inference.models import JobRow
 from servers.inference.nodes import NodeDirectory
@@ -145,6 +145,11 @@ class Runner:
         running.task = asyncio.create_task(
             self._run(job_id, owner, model, generation, running, gate, accepted), name=f"job:{job_id}"
         )
+
+    async def count_prompt(self, model: ModelSpec, generation: Generation) -> int:
+        """The prompt's length on a node's tokenizer, refused with PROMPT_TOO_LONG past the generation's
+        `max_prompt_tokens` (`executor.count`): for jobs whose payment is consumed before a node sees them."""
+        return await count(self._directory, self._clients, model.served_as, generation)
 
     def node_for(self, model: ModelSpec) -> str:
         """The node a job of `model` starting now is placed on, as the job row records it."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from far.inference.v1 import inference_service_pb2 as pb
@@ -39,6 +39,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 JOB_PATTERN = "jobs/{job}"
 DISCONNECT_GRACE_S = 30.0
 _PRIVILEGED = (Role.ADMIN, Role.OPERATOR)
+T = TypeVar("T")
 
 
 @dataclass
@@ -185,10 +186,16 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         model = self._p.quotes.model(request.job.model, "job.model")
         spec = validate(model, request.job, request_id=request.request_id, prefix="job.")
         self._check_serving(model)
-        spec, paid = await jobs.verify(self._p.chain, self._p.quotes, principal.subject, spec, prefix="job.")
+        spec, quote = await jobs.resolve(self._p.quotes, principal.subject, spec, prefix="job.")
         earlier = await self._earlier(principal, spec)
         if earlier is not None:
             return earlier
+        # The payment is consumed when the job is inserted, before any node sees the prompt: a node's tokenizer
+        # checks it first, while the payment is verified.
+        paid = await _overlapped(
+            jobs.pay(self._p.chain, principal.subject, spec, quote),
+            self._p.runner.count_prompt(model, spec.generation),
+        )
         here = await self._start_here(model)
         job_id = jobs.job_id_for(paid.quote if paid is not None else None)
         try:
@@ -277,7 +284,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 if not finished:
                     self._watch_disconnect(job_id)
             return
-        paid = await jobs.pay(self._p.chain, principal.subject, spec, quote)
+        # Queued: the payment is consumed when the job is inserted, before any node sees the prompt, so a
+        # node's tokenizer checks it first (no slot needed), while the payment is verified.
+        paid = await _overlapped(
+            jobs.pay(self._p.chain, principal.subject, spec, quote), self._p.runner.count_prompt(model, spec.generation)
+        )
         ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject)
         message, created, _ = await self._create(principal, spec, paid, ticket, streamed=True)
         yield streams.job_message(message)
@@ -453,6 +464,20 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def _overlapped(work: Awaitable[T], check: Awaitable[object]) -> T:
+    """`work`'s result once `check` has passed too; both run at once, and the first failure cancels the other."""
+    checking = asyncio.ensure_future(check)
+    try:
+        result = await work
+        await checking
+    except BaseException:
+        checking.cancel()
+        with contextlib.suppress(BaseException):
+            await checking
+        raise
+    return result
 
 
 class _Duplicate(Exception):

@@ -122,6 +122,43 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+async def _one(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    yield request
+
+
+def _refusal(error: Any) -> Exception:
+    """An error response from the model: PromptTooLong when the prompt was over the limit, else NodeError."""
+    if "PROMPT_TOO_LONG" in str(error):
+        return PromptTooLong(str(error).split("PROMPT_TOO_LONG: ", 1)[-1])
+    return NodeError(str(error))
+
+
+async def count_prompt(
+    client: InferenceServerClient, model: str, generation: Generation, *, headers: dict[str, str] | None = None
+) -> int:
+    """The prompt's length in tokens on the node's tokenizer (the model's `count_prompt`: no slot, nothing
+    generated, answered while every slot is busy); PromptTooLong past `max_prompt_tokens`, NodeError if the node
+    fails or does not count."""
+    inputs = build_inputs(generation)
+    inputs.append(_scalar_input("count_prompt", True, "BOOL", np.bool_))
+    request = {"model_name": model, "inputs": inputs, "outputs": [InferRequestedOutput(n) for n in OUTPUTS]}
+    responses = client.stream_infer(_one(request), headers=headers)
+    try:
+        async for result, error in responses:
+            if error is not None:
+                raise _refusal(error)
+            if result is None:
+                continue
+            if _text(_first(result, "finish_reason")) != "counted":
+                raise NodeError("the node answered a count with something else (a model without count_prompt?)")
+            return int(_first(result, "prompt_tokens"))
+        raise NodeError("the node ended the stream without a count")
+    except (InferenceServerException, grpc.RpcError) as error:
+        raise NodeError(str(error)) from error
+    finally:
+        responses.cancel()
+
+
 async def stream_generation(
     client: InferenceServerClient,
     model: str,
@@ -138,20 +175,14 @@ async def stream_generation(
         "outputs": [InferRequestedOutput(name) for name in OUTPUTS],
         "request_id": request_id,
     }
-
-    async def requests() -> AsyncIterator[dict[str, Any]]:
-        yield request
-
-    responses = client.stream_infer(requests(), headers=headers)
+    responses = client.stream_infer(_one(request), headers=headers)
     seen = 0
     held = ""
     finished = False
     try:
         async for result, error in responses:
             if error is not None:
-                if "PROMPT_TOO_LONG" in str(error):
-                    raise PromptTooLong(str(error).split("PROMPT_TOO_LONG: ", 1)[-1])
-                raise NodeError(str(error))
+                raise _refusal(error)
             if result is None:
                 continue
             text = _text(_first(result, "text"))

@@ -265,6 +265,24 @@ def test_payment_problems_come_back_as_json_errors(stack: Stack, customers: list
     assert info["reason"] == "PAYMENT_NOT_FOUND"
 
 
+def test_a_paid_job_with_too_long_a_prompt_is_refused_and_its_payment_kept(
+    stack: Stack, customers: list[Customer]
+) -> None:
+    """CreateJob consumes the payment before a node runs the job: the prompt is counted first, so one over what
+    the quote covers (64 prompt tokens) is a 400 and the same payment still pays for a job that fits."""
+    customer = customers[1]
+    base = f"{stack.envoy_http_url}/v1/jobs"
+    body = customer.paid_body(max_tokens=4, prompt="word " * 80)
+    refused = httpx.post(base, json={"model": MODEL, **body}, headers=customer.headers, timeout=30)
+    assert refused.status_code == 400, refused.text
+    info = next(d for d in refused.json()["details"] if d["@type"].endswith("ErrorInfo"))
+    assert info["reason"] == "PROMPT_TOO_LONG"
+    body["chat"]["messages"][0]["content"] = "Tell me about cats."
+    accepted = httpx.post(base, json={"model": MODEL, **body}, headers=customer.headers, timeout=30)
+    assert accepted.status_code == 200, accepted.text  # the payment was not consumed by the refused call
+    assert accepted.json()["payment"]["transaction"]["txHash"] == body["payment"]["transaction"]["txHash"]
+
+
 def test_disconnect_and_resume_yields_the_whole_text_once(stack: Stack, customers: list[Customer]) -> None:
     customer = customers[2]
     seen: list[dict[str, Any]] = []

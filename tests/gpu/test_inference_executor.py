@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import replace
 
 import pytest
 from far.inference.v1 import job_pb2
 
 from devstack.processes import free_port, http_get
 from gpu.triton import CHAT_MODEL, TritonProcess
-from servers.inference.executor import Clients, execute
+from servers.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from servers.inference.executor import Clients, count, execute
 from servers.inference.nodes import NodeDirectory, NodeInfo, static_source
 from servers.inference.triton_stream import Generation, Piece
 
@@ -120,3 +122,31 @@ async def test_cancelling_the_task_cancels_the_triton_request(triton: TritonProc
             break
         await asyncio.sleep(0.05)
     assert cancelled_count(triton) == before + 1
+
+
+class TestCount:
+    """`count`: the prompt's length on a node's tokenizer, before a paid job is queued."""
+
+    async def test_a_broken_node_hands_the_count_over(self, triton: TritonProcess, clients: Clients) -> None:
+        directory = await directory_of(dead(load=0), real(triton, load=5))
+        counted = await count(directory, clients, CHAT_MODEL, replace(GREEDY, max_prompt_tokens=64))
+        pieces: list[Piece] = []
+        outcome = await execute(directory, clients, CHAT_MODEL, GREEDY, job_id="jcount", on_piece=pieces.append)
+
+        assert counted == outcome.prompt_tokens > 0  # the tokens the generation reports
+        assert directory.pick(CHAT_MODEL) == real(triton, load=5)  # the broken node sits out its penalty
+
+    async def test_over_the_limit_is_prompt_too_long(self, triton: TritonProcess, clients: Clients) -> None:
+        with pytest.raises(InvalidArgument) as caught:
+            await count(await directory_of(real(triton)), clients, CHAT_MODEL, replace(GREEDY, max_prompt_tokens=2))
+        assert caught.value.reason == "PROMPT_TOO_LONG"
+
+    async def test_no_node_or_only_broken_ones(self, clients: Clients) -> None:
+        with pytest.raises(FailedPrecondition) as none:
+            await count(await directory_of(), clients, CHAT_MODEL, GREEDY)
+        with pytest.raises(Unavailable) as broken:
+            await count(await directory_of(dead(), dead()), clients, CHAT_MODEL, GREEDY)
+
+        assert none.value.reason == "MODEL_UNAVAILABLE"
+        assert broken.value.reason == "NODE_FAILED"
+        assert broken.value.retry_after_s == 1.0

@@ -219,6 +219,39 @@ async def test_a_full_queue_is_resource_exhausted_with_retry_info(stub: Any, cal
     assert job.state == job_pb2.Job.STATE_SUCCEEDED  # the waiting job ran once the slot was free
 
 
+async def test_a_prompt_too_long_is_refused_before_its_job_exists_on_every_path(
+    stub: Any, caller: Callable[[str], Metadata]
+) -> None:
+    """Jobs that are created (and paid) before a node runs them: CreateJob, and a Generate that has to queue. A
+    node's tokenizer counts the prompt first, so an over-long one is refused at the call and no job exists."""
+    owner = wallet()
+    too_long = "word " * 1900  # ~1,900 tokens; the catalog leaves 2048 - 200 = 1,848 for a prompt
+    job = job_pb2.Job(model=MODEL, prompt=too_long, max_tokens=200)
+    with pytest.raises(grpc.aio.AioRpcError) as created:  # the slot is free: the job would start at once
+        await stub.CreateJob(pb.CreateJobRequest(job=job), metadata=caller(owner))
+    running = stub.Generate(story(max_tokens=180), metadata=caller(wallet()))
+    try:
+        assert [r async for r in _take(running, 2)][1].HasField("delta")  # the one slot is taken
+        with pytest.raises(grpc.aio.AioRpcError) as queued:
+            await stub.CreateJob(pb.CreateJobRequest(job=job), metadata=caller(owner))
+        request = pb.GenerateRequest(model=MODEL, prompt=too_long, max_tokens=200)
+        with pytest.raises(grpc.aio.AioRpcError) as generated:
+            _ = [r async for r in stub.Generate(request, metadata=caller(owner))]
+        fits = await stub.CreateJob(
+            pb.CreateJobRequest(job=job_pb2.Job(model=MODEL, prompt="word " * 1800, max_tokens=200)),
+            metadata=caller(owner),
+        )
+    finally:
+        running.cancel()
+    listed = await stub.ListJobs(pb.ListJobsRequest(), metadata=caller(owner))
+    for refused in (created, queued, generated):
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert rich_error(refused.value).reason == "PROMPT_TOO_LONG"
+    assert fits.state == job_pb2.Job.STATE_QUEUED  # just under the limit: queued as usual
+    assert [j.name for j in listed.jobs] == [fits.name]  # the refused calls left no job
+    await stub.CancelJob(pb.CancelJobRequest(name=fits.name), metadata=caller(owner))
+
+
 async def _take(stream: Any, count: int) -> AsyncIterator[pb.GenerateResponse]:
     taken = 0
     async for response in stream:

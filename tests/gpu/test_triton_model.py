@@ -197,6 +197,49 @@ class TestBadInput:
         assert "'messages' is not JSON" in responses[0].error
 
 
+class TestCountPrompt:
+    """`count_prompt`: the prompt's length on the model's own tokenizer, without a slot and without generating."""
+
+    async def test_the_count_is_the_length_a_generation_reports(self, triton: TritonProcess) -> None:
+        messages = [{"role": "user", "content": "Name three colours."}]
+        before = metric(triton.metrics_url, "far_llm_completion_tokens_total")
+        counted = await generate(triton.grpc_url, messages=messages, max_tokens=4, count_prompt=True)
+        generated = await generate(triton.grpc_url, messages=messages, max_tokens=4, temperature=0)
+
+        assert [(r.text, r.finish_reason, r.completion_tokens, r.final) for r in counted] == [("", "counted", 0, True)]
+        assert counted[0].prompt_tokens == generated[-1].prompt_tokens > 10  # the chat template counts too
+        assert metric(triton.metrics_url, "far_llm_completion_tokens_total") == before + 4  # the count made none
+
+    async def test_a_prompt_over_the_limit_is_refused_as_a_generation_would_be(self, triton: TritonProcess) -> None:
+        refused = await generate(triton.grpc_url, prompt=COUNTING, max_prompt_tokens=3, count_prompt=True)
+        overflow = await generate(triton.grpc_url, prompt="word " * 3000, count_prompt=True)
+
+        assert len(refused) == 1
+        assert "PROMPT_TOO_LONG" in refused[0].error
+        assert len(overflow) == 1
+        assert "the context holds 2048" in overflow[0].error
+
+    async def test_counting_does_not_wait_for_a_free_slot(self, triton: TritonProcess) -> None:
+        slots = int(metric(triton.metrics_url, "far_llm_slots"))
+        client = triton_aio.InferenceServerClient(triton.grpc_url)
+        busy = [Stream(client, chat_inputs(prompt=COUNTING, max_tokens=1500, temperature=0)) for _ in range(slots)]
+        firsts = [aiter(stream) for stream in busy]
+        try:
+            for stream in firsts:  # every slot is generating
+                await anext(stream)
+            assert metric(triton.metrics_url, "far_llm_slots_busy") == slots
+            counted = await generate(triton.grpc_url, prompt=COUNTING, count_prompt=True)
+            still_busy = metric(triton.metrics_url, "far_llm_slots_busy")
+        finally:
+            for stream in busy:
+                stream.cancel()
+            await client.close()
+
+        assert counted[0].finish_reason == "counted"
+        assert counted[0].prompt_tokens > 0
+        assert still_busy == slots  # answered while all the slots were still generating
+
+
 class TestSettings:
     def test_the_environment_overrides_the_slots_of_config_pbtxt(self, tmp_path: Path) -> None:
         triton = TritonProcess.start(MODEL_REPOSITORY, tmp_path, load_models=[CHAT_MODEL], env={"FAR_LLAMA_SLOTS": "2"})

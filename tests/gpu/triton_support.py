@@ -17,7 +17,7 @@ from gpu.triton import CHAT_MODEL
 
 # Greedy decoding (temperature 0) of SmolLM2-135M goes on " 4, 5, 6, ..." after this and never stops by itself.
 COUNTING = "Count: 1, 2, 3,"
-_DTYPES = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32}
+_DTYPES = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ def chat_inputs(
     stop: Sequence[str] = (),
     seed: int | None = None,
     max_prompt_tokens: int | None = None,
+    count_prompt: bool | None = None,
 ) -> list[InferInput]:
     """The model's inputs; those left at None are not sent (the model's defaults apply)."""
     inputs = []
@@ -68,6 +69,8 @@ def chat_inputs(
         inputs.append(tensor("seed", "INT64", [seed]))
     if max_prompt_tokens is not None:
         inputs.append(tensor("max_prompt_tokens", "INT32", [max_prompt_tokens]))
+    if count_prompt is not None:
+        inputs.append(tensor("count_prompt", "BOOL", [count_prompt]))
     return inputs
 
 

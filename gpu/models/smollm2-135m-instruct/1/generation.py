@@ -12,6 +12,7 @@ import json
 import math
 import queue
 import random
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,12 +227,6 @@ class Slots:
         ]
         for llama in self._all:
             self._free.put(llama)
-        first = self._all[0]
-        self.chat_format = Jinja2ChatFormatter(
-            template=first.metadata["tokenizer.chat_template"],
-            eos_token=first.detokenize([first.token_eos()], special=True).decode(),
-            bos_token=first.detokenize([first.token_bos()], special=True).decode(),
-        )
 
     def acquire(self, give_up: Callable[[], bool], poll_s: float = 0.05) -> Llama | None:
         """A free slot, or None once `give_up()` says the request no longer wants one."""
@@ -253,9 +248,33 @@ class Slots:
             llama.close()
 
 
+class Tokenizer:
+    """The model's vocabulary and chat template without its weights (llama.cpp `vocab_only`: ~70 ms to load,
+    a few MB): turns a request into its prompt tokens without taking a slot, so that a prompt can be counted
+    while every slot is generating. One lock: a single vocabulary shared by the threads that count."""
+
+    def __init__(self, path: Path) -> None:
+        self._vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        self._lock = threading.Lock()
+        self.chat_format = Jinja2ChatFormatter(
+            template=self._vocab.metadata["tokenizer.chat_template"],
+            eos_token=self._vocab.detokenize([self._vocab.token_eos()], special=True).decode(),
+            bos_token=self._vocab.detokenize([self._vocab.token_bos()], special=True).decode(),
+        )
+
+    def prompt_tokens(self, completion: Completion, context: int) -> list[int]:
+        """`prompt_tokens` on the vocabulary alone (the same tokens a slot's llama gives)."""
+        with self._lock:
+            return prompt_tokens(self._vocab, completion, self.chat_format, context)
+
+    def close(self) -> None:
+        self._vocab.close()
+
+
 def prompt_tokens(llama: Llama, completion: Completion, chat_format: Jinja2ChatFormatter, context: int) -> list[int]:
     """The prompt as tokens: the chat template applied to messages (its control tokens parsed), raw
-    prompts taken as plain text. Raises BadRequest when it leaves no room to generate."""
+    prompts taken as plain text. Raises BadRequest when it leaves no room to generate, PromptTooLong when it
+    has more tokens than `max_prompt_tokens`."""
     if completion.messages is not None:
         text = chat_format(messages=list(completion.messages)).prompt  # type: ignore[arg-type]
         tokens = llama.tokenize(text.encode(), add_bos=True, special=True)

@@ -21,6 +21,7 @@ from generation import (
     PromptTooLong,
     Settings,
     Slots,
+    Tokenizer,
     model_file,
     prompt_tokens,
     stream,
@@ -40,6 +41,7 @@ class TritonPythonModel:
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self.settings = Settings.from_parameters(parameters, os.environ)
         self.slots = Slots(self.settings, model_file())
+        self.tokenizer = Tokenizer(model_file())
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.threads: set[threading.Thread] = set()
@@ -57,10 +59,14 @@ class TritonPythonModel:
             sender = _Sender(request.get_response_sender())
             try:
                 completion = _completion(request, self.settings.context)
+                count_only = bool(_single(request, "count_prompt"))
             except BadRequest as exc:
                 sender.send(_error(str(exc)), flags=FINAL)
                 continue
-            thread = threading.Thread(target=self._serve, args=(sender, completion), name="generate", daemon=True)
+            if count_only:  # no slot: answered while every slot may be generating
+                thread = threading.Thread(target=self._count, args=(sender, completion), name="count", daemon=True)
+            else:
+                thread = threading.Thread(target=self._serve, args=(sender, completion), name="generate", daemon=True)
             with self.lock:
                 self.threads.add(thread)
             thread.start()
@@ -72,6 +78,7 @@ class TritonPythonModel:
         for thread in threads:
             thread.join(SHUTDOWN_JOIN_S)
         self.slots.close()
+        self.tokenizer.close()
         self.metrics.close()
 
     def _serve(self, sender: Any, completion: Completion) -> None:
@@ -80,6 +87,23 @@ class TritonPythonModel:
         except Exception as exc:
             pb_utils.Logger.log_error(f"request failed: {exc!r}")
             _send_quietly(sender, _error("internal error while generating", pb_utils.TritonError.INTERNAL))
+        finally:
+            with self.lock:
+                self.threads.discard(threading.current_thread())
+
+    def _count(self, sender: Any, completion: Completion) -> None:
+        """`count_prompt`: one final response with the prompt's length (finish_reason "counted"), or the error
+        a generation would have given it (PROMPT_TOO_LONG, a prompt that fills the context)."""
+        try:
+            try:
+                tokens = self.tokenizer.prompt_tokens(completion, self.settings.context)
+                response = _response(Piece("", "counted", len(tokens), 0))
+            except (BadRequest, PromptTooLong) as exc:
+                response = _error(str(exc))
+            except Exception as exc:
+                pb_utils.Logger.log_error(f"counting failed: {exc!r}")
+                response = _error("internal error while counting", pb_utils.TritonError.INTERNAL)
+            _send_quietly(sender, response)
         finally:
             with self.lock:
                 self.threads.discard(threading.current_thread())
@@ -103,7 +127,7 @@ class TritonPythonModel:
         accepting: threading.Thread | None = None
         try:
             try:
-                tokens = prompt_tokens(llama, completion, self.slots.chat_format, self.settings.context)
+                tokens = prompt_tokens(llama, completion, self.tokenizer.chat_format, self.settings.context)
             except (BadRequest, PromptTooLong) as exc:
                 sender.send(_error(str(exc)), flags=FINAL)
                 return

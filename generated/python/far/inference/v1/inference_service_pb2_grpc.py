@@ -223,7 +223,8 @@ class InferenceServiceServicer:
         `QUOTE_EXPIRED`, `MODEL_UNAVAILABLE`), ALREADY_EXISTS (`PAYMENT_ALREADY_USED`: the
         quote's job exists already; metadata `job` names it), RESOURCE_EXHAUSTED
         (`QUEUE_FULL`, `TOO_MANY_JOBS`: the account has too many unfinished jobs,
-        `RATE_LIMITED`), UNAVAILABLE (`CHAIN_UNAVAILABLE`). None of these consumes the payment.
+        `RATE_LIMITED`), UNAVAILABLE (`CHAIN_UNAVAILABLE`; `NODE_FAILED` with RetryInfo: no
+        node could count the prompt's tokens). None of these consumes the payment.
         Later failures end the stream with `final` (finish reason ERROR and its `error`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -114,7 +114,8 @@ class InferenceServiceStub:
     `QUOTE_EXPIRED`, `MODEL_UNAVAILABLE`), ALREADY_EXISTS (`PAYMENT_ALREADY_USED`: the
     quote's job exists already; metadata `job` names it), RESOURCE_EXHAUSTED
     (`QUEUE_FULL`, `TOO_MANY_JOBS`: the account has too many unfinished jobs,
-    `RATE_LIMITED`), UNAVAILABLE (`CHAIN_UNAVAILABLE`). None of these consumes the payment.
+    `RATE_LIMITED`), UNAVAILABLE (`CHAIN_UNAVAILABLE`; `NODE_FAILED` with RetryInfo: no
+    node could count the prompt's tokens). None of these consumes the payment.
     Later failures end the stream with `final` (finish reason ERROR and its `error`).
     """
     CreateJob: _grpc.UnaryUnaryMultiCallable[_inference_service_pb2.CreateJobRequest, _job_pb2.Job]
@@ -242,7 +243,8 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     `QUOTE_EXPIRED`, `MODEL_UNAVAILABLE`), ALREADY_EXISTS (`PAYMENT_ALREADY_USED`: the
     quote's job exists already; metadata `job` names it), RESOURCE_EXHAUSTED
     (`QUEUE_FULL`, `TOO_MANY_JOBS`: the account has too many unfinished jobs,
-    `RATE_LIMITED`), UNAVAILABLE (`CHAIN_UNAVAILABLE`). None of these consumes the payment.
+    `RATE_LIMITED`), UNAVAILABLE (`CHAIN_UNAVAILABLE`; `NODE_FAILED` with RetryInfo: no
+    node could count the prompt's tokens). None of these consumes the payment.
     Later failures end the stream with `final` (finish reason ERROR and its `error`).
     """
     CreateJob: _aio.UnaryUnaryMultiCallable[_inference_service_pb2.CreateJobRequest, _job_pb2.Job]  # type: ignore[assignment]
@@ -397,7 +399,8 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         `QUOTE_EXPIRED`, `MODEL_UNAVAILABLE`), ALREADY_EXISTS (`PAYMENT_ALREADY_USED`: the
         quote's job exists already; metadata `job` names it), RESOURCE_EXHAUSTED
         (`QUEUE_FULL`, `TOO_MANY_JOBS`: the account has too many unfinished jobs,
-        `RATE_LIMITED`), UNAVAILABLE (`CHAIN_UNAVAILABLE`). None of these consumes the payment.
+        `RATE_LIMITED`), UNAVAILABLE (`CHAIN_UNAVAILABLE`; `NODE_FAILED` with RetryInfo: no
+        node could count the prompt's tokens). None of these consumes the payment.
         Later failures end the stream with `final` (finish reason ERROR and its `error`).
         """
 
