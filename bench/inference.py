@@ -13,8 +13,9 @@ ways to stream the same generation from it, each 1, 4 and 16 streams at a time:
 The catalog makes the model free, so no quote, payment or chain read is on the measured path: the figures are the
 platform's own cost (validation, admission in Redis, the job row in PostgreSQL, relaying, the edge). The service
 gets 16 local slots so that every stream takes its fast path (no Redis hop between Triton and the caller);
-the 16-stream rounds then queue inside Triton, the same way for every path. Paths take turns within each round
-(the order rotates) so that drift favours none. Time to first token is from the call to the first token (the
+the 16-stream rounds then queue inside Triton, the same way for every path. Paths take turns within each round,
+each round in another of the six orders (so that drift, and whatever a round leaves behind for the next, favours
+none). Time to first token is from the call to the first token (the
 first `delta` for Generate); tokens/s is all completion tokens of a round over its wall time. CPU per token of
 the inference server, Envoy, Triton and (when they are local TCP servers) PostgreSQL and Redis comes from their
 process times over the rounds of each path. tritonserver's Python backend can crash under 16 concurrent streams
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -52,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import psutil
 from far.inference.v1 import inference_service_pb2 as pb
 from far.inference.v1 import inference_service_pb2_grpc, job_pb2
@@ -85,14 +88,18 @@ def _outputs(tag: str) -> tuple[Path, str, str]:
 JWT_SECRET = "bench-" + secrets.token_hex(24)
 ACCOUNT = "0x" + "b1" * 20
 PATHS = ("triton_direct", "service_direct", "via_envoy")
-# Rounds per concurrency at --rounds 1: about the same number of streams for each (20, 20, 64).
-ROUNDS = {1: 20, 4: 5, 16: 4}
+# Every order of the paths, one per round in turn: each path runs first, second and last equally often, and
+# before and after each other path equally often (a rotation alone put triton_direct first in 2 of 4 rounds).
+ORDERS = list(itertools.permutations(PATHS))
+# Rounds per concurrency at --rounds 1: whole cycles of ORDERS, about the same number of streams for each
+# concurrency but the last (24, 24, 96).
+ROUNDS = {1: 24, 4: 6, 16: 6}
 PROMPT = "Write a long story about a lighthouse keeper and the storm that changed his life."
 SEED = 7
 CASE_HEADER = _table_header(
     "path", "streams at once", "streams", "TTFT p50 ms", "TTFT p99 ms", "tokens/s (all streams)",
-    "ms/token per stream", "job message p50 ms", "service CPU ms/token", "Envoy CPU ms/token", "Triton CPU ms/token",
-    "PostgreSQL + Redis CPU ms/token",
+    "ms/token per stream", "job message p50 ms", "time to model mean ms", "service CPU ms/token",
+    "Envoy CPU ms/token", "Triton CPU ms/token", "PostgreSQL + Redis CPU ms/token",
 )  # fmt: skip
 ADDED_HEADER = _table_header(
     "streams at once", "TTFT p50 ms", "TTFT p99 ms", "TTFT paired by round ms", "tokens/s ratio",
@@ -157,6 +164,9 @@ class Tally:
     """Each round's median time to first token, in round order (paths take turns, so rounds pair up)."""
     wall_s: float = 0.0
     cpu_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    to_model_s: float = 0.0
+    to_model_calls: int = 0
+    """The server's far_inference_time_to_model_seconds over the rounds (sum, count)."""
 
 
 @dataclass
@@ -173,6 +183,8 @@ class Case:
     ms_per_token: float
     """Mean time between a stream's first and last token, per token after the first."""
     time_to_job_p50_ms: float | None
+    time_to_model_mean_ms: float | None
+    """The server's own figure: from a call's arrival to its Triton request going out (mean)."""
     service_cpu_ms_per_token: float | None
     envoy_cpu_ms_per_token: float | None
     triton_cpu_ms_per_token: float
@@ -325,6 +337,7 @@ def _case(path: str, concurrency: int, tally: Tally, direct: Tally) -> Case:
         tokens_per_s=tokens / tally.wall_s,
         ms_per_token=statistics.fmean((s.last_token - s.first_token) * 1000 / (s.tokens - 1) for s in streams),
         time_to_job_p50_ms=statistics.median(jobs) if jobs else None,
+        time_to_model_mean_ms=tally.to_model_s * 1000 / tally.to_model_calls if tally.to_model_calls else None,
         service_cpu_ms_per_token=per_token("inference") if path != "triton_direct" else None,
         envoy_cpu_ms_per_token=per_token("envoy") if path == "via_envoy" else None,
         triton_cpu_ms_per_token=per_token("triton"),
@@ -387,7 +400,7 @@ class Rig:
             "REDIS_KEY_PREFIX": f"far-bench-{secrets.token_hex(4)}:",
             "INFERENCE_STATIC_NODES": f"{CHAT_MODEL}=bench@{self.triton.grpc_url}",
         }
-        self.stack = Stack(["inference"], env=env, run_dir=run / "stack", metrics=False).start()
+        self.stack = Stack(["inference"], env=env, run_dir=run / "stack").start()
         assert self.stack.envoy_process is not None
         stores = {name: _listener_pid(self._env[variable]) for name, variable in STORES.items()}
         self.processes = Processes(
@@ -429,8 +442,15 @@ class Rig:
         """One round of `concurrency` streams on `path`, added to `tally`; TritonCrashed if Triton died in it."""
         assert self.processes is not None
         assert self.triton is not None
+        assert self.stack is not None
+        metrics = self.stack.metrics_url("inference")
+        assert metrics is not None
+        before = _time_to_model(metrics)
         try:
             await asyncio.wait_for(_round(self.paths[path], concurrency, self.processes, tally), ROUND_TIMEOUT_S)
+            after = _time_to_model(metrics)
+            tally.to_model_s += after[0] - before[0]
+            tally.to_model_calls += int(after[1] - before[1])
         except TimeoutError as error:
             if not _stub_alive(self.triton):
                 raise TritonCrashed(f"the model's Python stub died during a {path} round of {concurrency}") from error
@@ -439,6 +459,16 @@ class Rig:
             if await asyncio.to_thread(_died, self.triton, 5.0):
                 raise TritonCrashed(f"tritonserver died during a {path} round of {concurrency}") from error
             raise
+
+
+def _time_to_model(metrics_url: str) -> tuple[float, float]:
+    """(sum, count) of the server's far_inference_time_to_model_seconds, read between rounds."""
+    text = httpx.get(metrics_url, timeout=10).text
+    found = dict.fromkeys(("sum", "count"), 0.0)
+    for kind in found:
+        match = re.search(rf"^far_inference_time_to_model_seconds_{kind}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
+        found[kind] = float(match.group(1)) if match else 0.0
+    return found["sum"], found["count"]
 
 
 def _stub_alive(triton: TritonProcess) -> bool:
@@ -491,6 +521,8 @@ async def _measure(
             tally.streams.extend(partial.streams)
             tally.round_ttft_p50_ms.extend(partial.round_ttft_p50_ms)
             tally.wall_s += partial.wall_s
+            tally.to_model_s += partial.to_model_s
+            tally.to_model_calls += partial.to_model_calls
             for name, seconds in partial.cpu_s.items():
                 tally.cpu_s[name] += seconds
             return
@@ -503,8 +535,7 @@ async def _measure(
         for concurrency, rounds in ROUNDS.items():
             tallies = {path: Tally() for path in PATHS}
             for number in range(max(1, round(rounds * args.rounds))):
-                shift = number % len(PATHS)
-                for path in PATHS[shift:] + PATHS[:shift]:
+                for path in ORDERS[number % len(ORDERS)]:
                     await attempt(path, concurrency, tallies[path])
             for path in PATHS:
                 case = _case(path, concurrency, tallies[path], tallies["triton_direct"])
@@ -542,6 +573,7 @@ def _summary(cases: list[Case]) -> dict[str, Any]:
             summary[f"ttft_added_paired_ms{suffix}"] = round(case.ttft_added_paired_ms or 0.0, 2)
             summary[f"tokens_per_s_ratio{suffix}"] = round(case.tokens_per_s / base.tokens_per_s, 3)
             summary[f"ms_per_token_added{suffix}"] = round(case.ms_per_token - base.ms_per_token, 3)
+            summary[f"time_to_model_mean_ms{suffix}"] = round(case.time_to_model_mean_ms or 0.0, 3)
     return summary
 
 
@@ -642,10 +674,11 @@ Python {machine["python"]}, Envoy {machine["envoy"]}. One tritonserver (SmolLM2-
 {slots} slots x 1 thread, CPU), one inference server process, Envoy with 2 workers; every figure is
 Triton direct against the platform on the same Triton in the same run. {headline.context["max_tokens"]} tokens
 per stream, temperature 0, seed {SEED}, one chat prompt; the model is free in the bench's catalog, so no payment
-is verified. Streams per row = rounds x concurrency; paths take turns in every round. Two placements, one after
-the other: **shared** (everything on both cores) and **split** (the model on a core of its own, as on a GPU
-node, where the model never shares the platform's CPUs). `{results_json.relative_to(ROOT)}` carries both; its
-top-level keys are the **{headline.placement.name}** placement's.
+is verified. Streams per row = rounds x concurrency; paths take turns in every round, each round in the next
+of the six orders. Two placements, one after the other: **shared** (everything on both cores) and **split**
+(the model on a core of its own, as on a GPU node, where the model never shares the platform's CPUs).
+`{results_json.relative_to(ROOT)}` carries both; its top-level keys are the **{headline.placement.name}**
+placement's.
 
 {sections}
 
@@ -663,6 +696,7 @@ def _placement_section(m: Measured) -> str:
     rows = "\n".join(
         f"| {c.path} | {c.concurrency} | {c.streams} | {c.ttft_p50_ms:.1f} | {c.ttft_p99_ms:.1f} | "
         f"{c.tokens_per_s:.1f} | {c.ms_per_token:.2f} | {ms(c.time_to_job_p50_ms, 1)} | "
+        f"{ms(c.time_to_model_mean_ms)} | "
         f"{ms(c.service_cpu_ms_per_token)} | {ms(c.envoy_cpu_ms_per_token)} | {c.triton_cpu_ms_per_token:.2f} | "
         f"{ms(c.stores_cpu_ms_per_token)} |"
         for c in sorted(cases, key=lambda c: (c.concurrency, PATHS.index(c.path)))
@@ -704,7 +738,7 @@ Added by the platform (via Envoy unless marked), against `triton_direct` at the 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32, help="completion tokens per stream")
-    parser.add_argument("--rounds", type=float, default=1.0, help="scale the rounds per concurrency (20, 5, 4)")
+    parser.add_argument("--rounds", type=float, default=1.0, help="scale the rounds per concurrency (24, 6, 6)")
     parser.add_argument("--max-restarts", type=int, default=10, help="Triton crashes tolerated (each round is redone)")
     parser.add_argument(
         "--placement",

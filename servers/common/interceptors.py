@@ -18,7 +18,7 @@ from opentelemetry import propagate, trace
 
 from servers.common.access import UNDECLARED, AccessRule
 from servers.common.auth import BearerAuthenticator, Principal, RevocationList, TokenVerifier
-from servers.common.context import principal_var, request_id_var
+from servers.common.context import call_started_var, principal_var, request_id_var
 from servers.common.errors import DomainError, InvalidArgument, Unauthenticated, to_rpc_status
 from servers.common.errors import internal_status as _internal_status
 from servers.common.observability import RPC_HANDLED, RPC_LATENCY
@@ -123,9 +123,11 @@ class AroundInterceptor(grpc.aio.ServerInterceptor):
 
 
 class RequestIdInterceptor(AroundInterceptor):
-    """Takes `x-request-id` from the caller (Envoy sets one) or makes one, for logs and error details."""
+    """Takes `x-request-id` from the caller (Envoy sets one) or makes one, for logs and error details; notes when
+    the call arrived (the first interceptor) for latency figures that include the interceptors."""
 
     def _bind(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        call_started_var.set(time.monotonic())
         request_id_var.set(_metadata(context, "x-request-id") or uuid.uuid4().hex)
 
     async def unary(

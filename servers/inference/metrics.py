@@ -2,7 +2,9 @@
 
 Time to first token counts from job creation (queue wait included), as `Job.time_to_first_token` does; time
 per output token is the mean gap between a job's tokens after the first; queue time runs from admission to
-the start on a node. Exposed on the server's METRICS_LISTEN with the common RPC metrics.
+the start on a node. Time to model is what the latency budget is about: how long a call that starts at once
+spends in the platform (interceptors, validation, node choice) before its Triton request goes out. Exposed on
+the server's METRICS_LISTEN with the common RPC metrics.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ TIME_PER_OUTPUT_TOKEN = Histogram(
     "Mean time between a job's completion tokens after the first.",
     ["model"],
     buckets=_TOKEN_BUCKETS,
+)
+TIME_TO_MODEL = Histogram(
+    "far_inference_time_to_model_seconds",
+    "From a Generate call's arrival (the first interceptor) to its Triton request going out, for calls that"
+    " start at once: the platform's own work in front of the model.",
+    ["model"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
 QUEUE_TIME = Histogram(
     "far_inference_queue_time_seconds",

@@ -29,7 +29,7 @@ from servers.inference.catalog import ModelSpec
 from servers.inference.executor import Clients, Outcome, count, error_status, execute
 from servers.inference.jobs import JOBS_TOPIC
 from servers.inference.models import JobRow
-from servers.inference.nodes import NodeDirectory
+from servers.inference.nodes import NodeDirectory, NodeInfo
 from servers.inference.requests import generation_from
 from servers.inference.sweeper import JobHeartbeats
 from servers.inference.token_stream import Delta, TokenStreams, TokenWriter
@@ -131,6 +131,7 @@ class Runner:
         *,
         gate: asyncio.Future[JobRow] | None = None,
         accepted: asyncio.Future[int] | None = None,
+        arrived: float | None = None,
     ) -> None:
         """Run the job in a task (a slot must be reserved for it).
 
@@ -139,11 +140,12 @@ class Runner:
         gate set with an exception cancels the generation
         and leaves no trace (the job does not exist). `accepted` resolves with the prompt's token count once the
         model took the prompt, or fails with the domain error that stopped it first (PROMPT_TOO_LONG, no node).
+        `arrived` (`time.monotonic()` when the call came in) times the platform's work before the model.
         """
         running = _Running(listeners=[listener] if listener is not None else [])
         self._running[job_id] = running
         running.task = asyncio.create_task(
-            self._run(job_id, owner, model, generation, running, gate, accepted), name=f"job:{job_id}"
+            self._run(job_id, owner, model, generation, running, gate, accepted, arrived), name=f"job:{job_id}"
         )
 
     async def count_prompt(self, model: ModelSpec, generation: Generation) -> int:
@@ -215,6 +217,7 @@ class Runner:
         running: _Running,
         gate: asyncio.Future[JobRow] | None,
         accepted: asyncio.Future[int] | None = None,
+        arrived: float | None = None,
     ) -> None:
         writer: TokenWriter | None = None
         beating: asyncio.Task[None] | None = None
@@ -244,6 +247,12 @@ class Runner:
             else:
                 deliver(piece)
 
+        def on_node(node: NodeInfo) -> None:
+            nonlocal arrived
+            if arrived is not None:  # the first node only: a failover's retry is not the platform's delay
+                metrics.TIME_TO_MODEL.labels(model.id).observe(time.monotonic() - arrived)
+                arrived = None
+
         def accept(prompt_tokens: int) -> None:
             if accepted is not None and not accepted.done():
                 accepted.set_result(prompt_tokens)
@@ -256,6 +265,7 @@ class Runner:
                 generation,
                 job_id=job_id,
                 on_piece=on_piece,
+                on_node=on_node,
                 on_accepted=accept,
             ),
             name=f"generate:{job_id}",

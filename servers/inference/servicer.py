@@ -16,7 +16,7 @@ from google.rpc import code_pb2
 
 from servers.common.auth import Principal, Role
 from servers.common.chain import Chain
-from servers.common.context import current_principal
+from servers.common.context import call_started, current_principal
 from servers.common.db import Database
 from servers.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from servers.common.names import parse_name
@@ -245,7 +245,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             gate: asyncio.Future[JobRow] = loop.create_future()
             accepted: asyncio.Future[int] = loop.create_future()
             self._p.runner.start(
-                job_id, principal.subject, model, spec.generation, queue.put_nowait, gate=gate, accepted=accepted
+                job_id,
+                principal.subject,
+                model,
+                spec.generation,
+                queue.put_nowait,
+                gate=gate,
+                accepted=accepted,
+                arrived=call_started() or None,
             )
             try:
                 paid = await jobs.pay(self._p.chain, principal.subject, spec, quote)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -294,11 +295,21 @@ async def test_job_events_and_metrics(
     stub: Any, caller: Callable[[str], Metadata], redis_url: str, redis_key_prefix: str
 ) -> None:
     owner = wallet()
-    before = REGISTRY.get_sample_value("far_inference_time_to_first_token_seconds_count", {"model": CHAT_MODEL}) or 0
+    labels = {"model": CHAT_MODEL}
+    before = REGISTRY.get_sample_value("far_inference_time_to_first_token_seconds_count", labels) or 0
+    to_model = REGISTRY.get_sample_value("far_inference_time_to_model_seconds_count", labels) or 0
+    to_model_s = REGISTRY.get_sample_value("far_inference_time_to_model_seconds_sum", labels) or 0
+    started = time.monotonic()
     responses = [r async for r in stub.Generate(story(max_tokens=4), metadata=caller(owner))]
+    elapsed = time.monotonic() - started
     name = responses[0].job.name
-    after = REGISTRY.get_sample_value("far_inference_time_to_first_token_seconds_count", {"model": CHAT_MODEL})
+    after = REGISTRY.get_sample_value("far_inference_time_to_first_token_seconds_count", labels)
     assert after == before + 1
+    # The call started at once: its time in front of the model is observed once, and is part of the call's.
+    assert REGISTRY.get_sample_value("far_inference_time_to_model_seconds_count", labels) == to_model + 1
+    assert (
+        0 < (REGISTRY.get_sample_value("far_inference_time_to_model_seconds_sum", labels) or 0) - to_model_s < elapsed
+    )
     assert REGISTRY.get_sample_value("far_inference_tokens_total", {"model": CHAT_MODEL, "kind": "completion"})
     # Job events on the bus for the realtime service (through the outbox). A Generate that starts at once is
     # inserted RUNNING (it never queued): started, then ended.
