@@ -153,6 +153,12 @@ class Runner:
         `max_prompt_tokens` (`executor.count`): for jobs whose payment is consumed before a node sees them."""
         return await count(self._directory, self._clients, model.served_as, generation)
 
+    def _forget(self, job_id: str, running: _Running) -> None:
+        """Drop the job's entry if it is still this run's (a call that queued after an optimistic start may
+        have the same job started again meanwhile)."""
+        if self._running.get(job_id) is running:
+            del self._running[job_id]
+
     def node_for(self, model: ModelSpec) -> str:
         """The node a job of `model` starting now is placed on, as the job row records it."""
         node = self._directory.pick(model.served_as)
@@ -281,7 +287,7 @@ class Runner:
                     generating.cancel()
                     with contextlib.suppress(BaseException):
                         await generating
-                    self._running.pop(job_id, None)
+                    self._forget(job_id, running)
                     self._slots[model.id].give()
                     return
             writer = TokenWriter(self._streams, job_id)
@@ -378,7 +384,7 @@ class Runner:
             for listener in running.listeners:
                 listener(end)
         finally:
-            self._running.pop(job_id, None)
+            self._forget(job_id, running)
             self._slots[model.id].give()
             with contextlib.suppress(Exception):
                 await self._admission.release(job_id, owner)

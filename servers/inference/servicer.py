@@ -237,9 +237,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 yield response
             return
         job_id = jobs.job_id_for(quote)
-        if await self._start_here(model):
+        if self._p.runner.try_reserve(model):
             # The fast path: the model starts its prefill now, while the payment is verified and the job is
             # admitted and recorded; its pieces are held until that is done (none reaches the caller unpaid).
+            # Even the check that no job waits in the model's queue (a Redis round trip) comes after the start.
             queue: asyncio.Queue[Piece | pb.GenerateEnd | streams.Interrupt] = asyncio.Queue()
             loop = asyncio.get_running_loop()
             gate: asyncio.Future[JobRow] = loop.create_future()
@@ -255,6 +256,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 arrived=call_started() or None,
             )
             try:
+                if await self._p.admission.length(model.served_as) > 0:
+                    raise _Behind()  # waiting jobs go first: the started generation is dropped, this call queues
                 paid = await jobs.pay(self._p.chain, principal.subject, spec, quote)
                 # The model has tokenized the prompt by now (or does so within ms): a prompt longer than what
                 # was paid for ends the call here, before the payment is consumed.
@@ -266,6 +269,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 )
                 if not created:
                     raise _Duplicate(message)
+            except _Behind as behind:  # the runner gives the slot back when it sees the gate
+                gate.set_exception(behind)
             except _Duplicate as duplicate:
                 gate.set_exception(duplicate)
                 yield streams.job_message(duplicate.job)
@@ -278,19 +283,20 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 else:
                     gate.set_exception(error)
                 raise
-            gate.set_result(row)
-            yield streams.job_message(message)
-            finished = False
-            self._listeners.add(queue)
-            try:
-                async for response in streams.from_listener(queue):
-                    finished = response.HasField("final")
-                    yield response
-            finally:
-                self._listeners.discard(queue)
-                if not finished:
-                    self._watch_disconnect(job_id)
-            return
+            else:
+                gate.set_result(row)
+                yield streams.job_message(message)
+                finished = False
+                self._listeners.add(queue)
+                try:
+                    async for response in streams.from_listener(queue):
+                        finished = response.HasField("final")
+                        yield response
+                finally:
+                    self._listeners.discard(queue)
+                    if not finished:
+                        self._watch_disconnect(job_id)
+                return
         # Queued: the payment is consumed when the job is inserted, before any node sees the prompt, so a
         # node's tokenizer checks it first (no slot needed), while the payment is verified.
         paid = await _overlapped(
@@ -485,6 +491,10 @@ async def _overlapped(work: Awaitable[T], check: Awaitable[object]) -> T:
             await checking
         raise
     return result
+
+
+class _Behind(Exception):
+    """Jobs wait in the model's queue: a call that found a free slot queues behind them all the same."""
 
 
 class _Duplicate(Exception):

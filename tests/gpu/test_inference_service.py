@@ -27,6 +27,7 @@ from gpu.triton import CHAT_MODEL, MODEL_REPOSITORY, TritonProcess
 from servers.common.config import Settings
 from servers.common.events import EventBus
 from servers.common.server import RunningServer, start_server
+from servers.inference.admission import Admission
 from servers.inference.server import make_spec
 from tests.integration.rich_errors import rich_error
 
@@ -230,9 +231,11 @@ async def test_a_prompt_too_long_is_refused_before_its_job_exists_on_every_path(
     job = job_pb2.Job(model=MODEL, prompt=too_long, max_tokens=200)
     with pytest.raises(grpc.aio.AioRpcError) as created:  # the slot is free: the job would start at once
         await stub.CreateJob(pb.CreateJobRequest(job=job), metadata=caller(owner))
-    running = stub.Generate(story(max_tokens=180), metadata=caller(wallet()))
+    other = wallet()
+    running = stub.Generate(story(max_tokens=180), metadata=caller(other))
+    head = [r async for r in _take(running, 2)]
     try:
-        assert [r async for r in _take(running, 2)][1].HasField("delta")  # the one slot is taken
+        assert head[1].HasField("delta")  # the one slot is taken
         with pytest.raises(grpc.aio.AioRpcError) as queued:
             await stub.CreateJob(pb.CreateJobRequest(job=job), metadata=caller(owner))
         request = pb.GenerateRequest(model=MODEL, prompt=too_long, max_tokens=200)
@@ -242,15 +245,55 @@ async def test_a_prompt_too_long_is_refused_before_its_job_exists_on_every_path(
             pb.CreateJobRequest(job=job_pb2.Job(model=MODEL, prompt="word " * 1800, max_tokens=200)),
             metadata=caller(owner),
         )
+        listed = await stub.ListJobs(pb.ListJobsRequest(), metadata=caller(owner))
+        await stub.CancelJob(pb.CancelJobRequest(name=fits.name), metadata=caller(owner))  # before it can start
     finally:
+        await stub.CancelJob(pb.CancelJobRequest(name=head[0].job.name), metadata=caller(other))
         running.cancel()
-    listed = await stub.ListJobs(pb.ListJobsRequest(), metadata=caller(owner))
     for refused in (created, queued, generated):
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert rich_error(refused.value).reason == "PROMPT_TOO_LONG"
     assert fits.state == job_pb2.Job.STATE_QUEUED  # just under the limit: queued as usual
     assert [j.name for j in listed.jobs] == [fits.name]  # the refused calls left no job
-    await stub.CancelJob(pb.CancelJobRequest(name=fits.name), metadata=caller(owner))
+
+
+async def test_a_free_slot_does_not_let_a_call_jump_the_queue(
+    triton: TritonProcess,
+    service_env: dict[str, str],
+    tmp_path: Path,
+    caller: Callable[[str], Metadata],
+    redis_url: str,
+) -> None:
+    """Generate starts the model before it checks the queue (one Redis round trip fewer in front of the model);
+    when jobs wait, it drops that start and queues behind them."""
+    prefix = f"{service_env['REDIS_KEY_PREFIX']}behind:"  # a queue of its own: no other replica's dispatcher
+    redis = Redis.from_url(redis_url)
+    elsewhere = Admission(redis, prefix)
+    await elsewhere.ensure_group(CHAT_MODEL)
+    # A job another replica's dispatcher has read and is about to claim: it waits, and this replica never reads it.
+    other = wallet()
+    waiting = await elsewhere.admit(CHAT_MODEL, "jwaitingelsewhere", other)
+    assert await elsewhere.read(CHAT_MODEL, "elsewhere", block_ms=100) is not None
+    environ = {
+        **server_environ(triton, {**service_env, "REDIS_KEY_PREFIX": prefix}, tmp_path / "models.json"),
+        "INFERENCE_MAX_QUEUE": "4",
+    }
+    replica = await start_server(make_spec(environ), Settings.from_env("inference", 0, environ=environ))
+    owner = wallet()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+            stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+            call = stub.Generate(story(max_tokens=4), metadata=caller(owner))
+            (first,) = [r async for r in _take(call, 1)]
+            await elsewhere.withdraw(waiting, other)  # the other job goes away ...
+            rest = [r async for r in call]  # ... and this one runs on the slot its dropped start gave back
+    finally:
+        await replica.stop()
+        await redis.aclose()
+    assert first.job.state == job_pb2.Job.STATE_QUEUED
+    assert first.job.queue_position == 2  # behind the waiting job, although the one slot was free
+    assert rest[-1].final.state == job_pb2.Job.STATE_SUCCEEDED
+    assert rest[-1].final.usage.completion_tokens == 4
 
 
 async def _take(stream: Any, count: int) -> AsyncIterator[pb.GenerateResponse]:

@@ -14,7 +14,17 @@ import tritonclient.grpc.aio as triton_aio
 
 from devstack.processes import ProcessDied, wait_until
 from gpu.triton import CHAT_MODEL, MODEL_REPOSITORY, TritonProcess
-from tests.gpu.triton_support import COUNTING, Response, Stream, chat_inputs, generate, metric, tensor, text_of
+from tests.gpu.triton_support import (
+    COUNTING,
+    Response,
+    Stream,
+    chat_inputs,
+    generate,
+    metric,
+    tensor,
+    text_of,
+    wait_idle,
+)
 
 
 def assert_well_formed(responses: list[Response]) -> Response:
@@ -202,6 +212,7 @@ class TestCountPrompt:
 
     async def test_the_count_is_the_length_a_generation_reports(self, triton: TritonProcess) -> None:
         messages = [{"role": "user", "content": "Name three colours."}]
+        wait_idle(triton.metrics_url)
         before = metric(triton.metrics_url, "far_llm_completion_tokens_total")
         counted = await generate(triton.grpc_url, messages=messages, max_tokens=4, count_prompt=True)
         generated = await generate(triton.grpc_url, messages=messages, max_tokens=4, temperature=0)
@@ -225,8 +236,8 @@ class TestCountPrompt:
         busy = [Stream(client, chat_inputs(prompt=COUNTING, max_tokens=1500, temperature=0)) for _ in range(slots)]
         firsts = [aiter(stream) for stream in busy]
         try:
-            for stream in firsts:  # every slot is generating
-                await anext(stream)
+            for responses in firsts:  # every slot is generating
+                await anext(responses)
             assert metric(triton.metrics_url, "far_llm_slots_busy") == slots
             counted = await generate(triton.grpc_url, prompt=COUNTING, count_prompt=True)
             still_busy = metric(triton.metrics_url, "far_llm_slots_busy")
@@ -234,6 +245,7 @@ class TestCountPrompt:
             for stream in busy:
                 stream.cancel()
             await client.close()
+            wait_idle(triton.metrics_url)
 
         assert counted[0].finish_reason == "counted"
         assert counted[0].prompt_tokens > 0
@@ -268,6 +280,7 @@ class TestPromptLimit:
         assert last.completion_tokens == 4
 
     async def test_a_longer_prompt_is_refused_before_generating(self, triton: TritonProcess) -> None:
+        wait_idle(triton.metrics_url)
         before = metric(triton.metrics_url, "far_llm_completion_tokens_total")
         responses = await generate(triton.grpc_url, prompt=COUNTING, max_tokens=4, max_prompt_tokens=3)
 

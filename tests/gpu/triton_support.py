@@ -12,7 +12,7 @@ import tritonclient.grpc.aio as triton_aio
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import InferInput
 
-from devstack.processes import http_get
+from devstack.processes import http_get, wait_until
 from gpu.triton import CHAT_MODEL
 
 # Greedy decoding (temperature 0) of SmolLM2-135M goes on " 4, 5, 6, ..." after this and never stops by itself.
@@ -130,3 +130,13 @@ def metric(metrics_url: str, name: str, **labels: str) -> float:
             if sample.name == name and sample.labels == wanted:
                 return float(sample.value)
     raise AssertionError(f"no sample {name}{wanted} on {metrics_url}")
+
+
+def wait_idle(metrics_url: str, timeout: float = 30.0) -> None:
+    """Until the model generates nothing and nothing waits for a slot (earlier tests' cancelled or abandoned
+    requests end a little after their clients let go, and count their tokens when they do)."""
+    wait_until(
+        lambda: metric(metrics_url, "far_llm_slots_busy") == 0 and metric(metrics_url, "far_llm_requests_waiting") == 0,
+        timeout=timeout,
+        what="the model to be idle",
+    )
