@@ -230,17 +230,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         if spec.paid and self._p.chain is None:
             raise FailedPrecondition(f"{model.name} is paid and this server has no chain", reason="MODEL_UNAVAILABLE")
         spec, quote = await jobs.resolve(self._p.quotes, principal.subject, spec)
-        earlier = await self._earlier(principal, spec)
-        if earlier is not None:  # a retry of an earlier call: stream that job from the start
-            yield streams.job_message(earlier)
-            async for response in self._follow(earlier.name.removeprefix("jobs/"), model, 0):
-                yield response
-            return
         job_id = jobs.job_id_for(quote)
         if self._p.runner.try_reserve(model):
             # The fast path: the model starts its prefill now, while the payment is verified and the job is
             # admitted and recorded; its pieces are held until that is done (none reaches the caller unpaid).
-            # Even the check that no job waits in the model's queue (a Redis round trip) comes after the start.
+            # Even the reads that may turn the call away come after the start: jobs waiting in the model's queue
+            # (Redis), an earlier call with the same request id (PostgreSQL).
             queue: asyncio.Queue[Piece | pb.GenerateEnd | streams.Interrupt] = asyncio.Queue()
             loop = asyncio.get_running_loop()
             gate: asyncio.Future[JobRow] = loop.create_future()
@@ -256,7 +251,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 arrived=call_started() or None,
             )
             try:
-                if await self._p.admission.length(model.served_as) > 0:
+                waiting, earlier = await asyncio.gather(
+                    self._p.admission.length(model.served_as), self._earlier(principal, spec)
+                )
+                if earlier is not None:  # a retry: stream the earlier call's job from the start
+                    raise _Duplicate(earlier)
+                if waiting > 0:
                     raise _Behind()  # waiting jobs go first: the started generation is dropped, this call queues
                 paid = await jobs.pay(self._p.chain, principal.subject, spec, quote)
                 # The model has tokenized the prompt by now (or does so within ms): a prompt longer than what
@@ -273,8 +273,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 gate.set_exception(behind)
             except _Duplicate as duplicate:
                 gate.set_exception(duplicate)
-                yield streams.job_message(duplicate.job)
-                async for response in self._follow(job_id, model, 0):
+                async for response in self._replay(duplicate.job, model):
                     yield response
                 return
             except BaseException as error:
@@ -297,6 +296,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     if not finished:
                         self._watch_disconnect(job_id)
                 return
+        earlier = await self._earlier(principal, spec)
+        if earlier is not None:
+            async for response in self._replay(earlier, model):
+                yield response
+            return
         # Queued: the payment is consumed when the job is inserted, before any node sees the prompt, so a
         # node's tokenizer checks it first (no slot needed), while the payment is verified.
         paid = await _overlapped(
@@ -313,6 +317,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         finally:
             if not finished and created:
                 self._watch_disconnect(job_id)
+
+    async def _replay(self, earlier: job_pb2.Job, model: ModelSpec) -> AsyncIterator[pb.GenerateResponse]:
+        """A retry of an earlier call (the same request id): that call's job, streamed from the start."""
+        yield streams.job_message(earlier)
+        async for response in self._follow(earlier.name.removeprefix("jobs/"), model, 0):
+            yield response
 
     def _watch_disconnect(self, job_id: str) -> None:
         """The Generate caller went away: cancel its job in 30 s unless someone follows it by then."""

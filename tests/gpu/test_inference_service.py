@@ -153,6 +153,28 @@ async def test_stream_job_resumes_without_repeats(stub: Any, caller: Callable[[s
     assert text_of(seen) + text_of(rest) == whole.output_text  # the full text exactly once
 
 
+async def test_a_retry_with_the_same_request_id_streams_the_first_job(
+    stub: Any, caller: Callable[[str], Metadata]
+) -> None:
+    owner = wallet()
+    request = story(max_tokens=24)
+    request.request_id = str(uuid.uuid4())
+    call = stub.Generate(request, metadata=caller(owner))
+    head = [r async for r in _take(call, 2)]
+    during = [r async for r in stub.Generate(request, metadata=caller(owner))]  # the first still runs
+    first = head + [r async for r in call]
+    after = [r async for r in stub.Generate(request, metadata=caller(owner))]  # a free slot: the fast path
+    listed = await stub.ListJobs(pb.ListJobsRequest(), metadata=caller(owner))
+
+    assert first[-1].final.state == job_pb2.Job.STATE_SUCCEEDED
+    for retry in (during, after):
+        assert retry[0].job.name == first[0].job.name
+        assert text_of(retry) == text_of(first)  # from the start, whole
+        check_contiguous(retry)
+        assert retry[-1].final.state == job_pb2.Job.STATE_SUCCEEDED
+    assert [job.name for job in listed.jobs] == [first[0].job.name]  # one job for the three calls
+
+
 async def test_another_accounts_job_does_not_exist(stub: Any, caller: Callable[[str], Metadata]) -> None:
     owner, stranger = wallet(), wallet()
     job = await stub.CreateJob(
