@@ -98,13 +98,14 @@ PROMPT = "Write a long story about a lighthouse keeper and the storm that change
 SEED = 7
 CASE_HEADER = _table_header(
     "path", "streams at once", "streams", "TTFT p50 ms", "TTFT p99 ms", "tokens/s (all streams)",
-    "ms/token per stream", "job message p50 ms", "time to model mean ms", "service CPU ms/token",
+    "ms/token per stream", "job message p50 ms", "time to model mean ms", "TTFT mean ms", "model TTFT mean ms",
+    "service CPU ms/token",
     "Envoy CPU ms/token", "Triton CPU ms/token", "PostgreSQL + Redis CPU ms/token",
 )  # fmt: skip
 ADDED_HEADER = _table_header(
-    "streams at once", "TTFT p50 ms", "TTFT p99 ms", "TTFT paired by round ms", "tokens/s ratio",
-    "ms/token per stream", "service direct: TTFT p50 ms", "service direct: TTFT paired ms",
-    "service direct: tokens/s ratio",
+    "streams at once", "TTFT p50 ms", "TTFT p99 ms", "TTFT paired by round ms", "TTFT mean, less the model's own ms",
+    "tokens/s ratio", "ms/token per stream", "service direct: TTFT p50 ms", "service direct: TTFT paired ms",
+    "service direct: TTFT mean, less the model's own ms", "service direct: tokens/s ratio",
 )  # fmt: skip
 LLAMA_SLOTS = 4
 """The model's concurrent generations by default (`--slots`): 16 streams then queue 12 in Triton."""
@@ -155,6 +156,10 @@ class Stream:
     """When Generate's first message (the job) arrived: the bookkeeping before the model is asked."""
 
 
+# The server's own histograms the bench reads: time in front of the model, and the model's time to first token.
+SERVER_FIGURES = ("time_to_model", "model_time_to_first_token")
+
+
 @dataclass
 class Tally:
     """Everything measured for one path at one concurrency, over all its rounds."""
@@ -164,9 +169,12 @@ class Tally:
     """Each round's median time to first token, in round order (paths take turns, so rounds pair up)."""
     wall_s: float = 0.0
     cpu_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    to_model_s: float = 0.0
-    to_model_calls: int = 0
-    """The server's far_inference_time_to_model_seconds over the rounds (sum, count)."""
+    server: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    """The server's histograms over the rounds (`SERVER_FIGURES`: sums and counts)."""
+
+    def server_mean_ms(self, name: str) -> float | None:
+        count = self.server.get(f"{name}_count", 0.0)
+        return self.server[f"{name}_sum"] * 1000 / count if count else None
 
 
 @dataclass
@@ -185,6 +193,9 @@ class Case:
     time_to_job_p50_ms: float | None
     time_to_model_mean_ms: float | None
     """The server's own figure: from a call's arrival to its Triton request going out (mean)."""
+    ttft_mean_ms: float
+    model_ttft_mean_ms: float | None
+    """The server's own figure for the same calls: from the Triton request to its first token (mean)."""
     service_cpu_ms_per_token: float | None
     envoy_cpu_ms_per_token: float | None
     triton_cpu_ms_per_token: float
@@ -337,7 +348,9 @@ def _case(path: str, concurrency: int, tally: Tally, direct: Tally) -> Case:
         tokens_per_s=tokens / tally.wall_s,
         ms_per_token=statistics.fmean((s.last_token - s.first_token) * 1000 / (s.tokens - 1) for s in streams),
         time_to_job_p50_ms=statistics.median(jobs) if jobs else None,
-        time_to_model_mean_ms=tally.to_model_s * 1000 / tally.to_model_calls if tally.to_model_calls else None,
+        time_to_model_mean_ms=tally.server_mean_ms("time_to_model"),
+        ttft_mean_ms=statistics.fmean(ttft),
+        model_ttft_mean_ms=tally.server_mean_ms("model_time_to_first_token"),
         service_cpu_ms_per_token=per_token("inference") if path != "triton_direct" else None,
         envoy_cpu_ms_per_token=per_token("envoy") if path == "via_envoy" else None,
         triton_cpu_ms_per_token=per_token("triton"),
@@ -445,12 +458,11 @@ class Rig:
         assert self.stack is not None
         metrics = self.stack.metrics_url("inference")
         assert metrics is not None
-        before = _time_to_model(metrics)
+        before = _server_figures(metrics)
         try:
             await asyncio.wait_for(_round(self.paths[path], concurrency, self.processes, tally), ROUND_TIMEOUT_S)
-            after = _time_to_model(metrics)
-            tally.to_model_s += after[0] - before[0]
-            tally.to_model_calls += int(after[1] - before[1])
+            for name, value in _server_figures(metrics).items():
+                tally.server[name] += value - before[name]
         except TimeoutError as error:
             if not _stub_alive(self.triton):
                 raise TritonCrashed(f"the model's Python stub died during a {path} round of {concurrency}") from error
@@ -461,14 +473,16 @@ class Rig:
             raise
 
 
-def _time_to_model(metrics_url: str) -> tuple[float, float]:
-    """(sum, count) of the server's far_inference_time_to_model_seconds, read between rounds."""
+def _server_figures(metrics_url: str) -> dict[str, float]:
+    """Sums and counts of the server's SERVER_FIGURES histograms (read between rounds, so not on the clock)."""
     text = httpx.get(metrics_url, timeout=10).text
-    found = dict.fromkeys(("sum", "count"), 0.0)
-    for kind in found:
-        match = re.search(rf"^far_inference_time_to_model_seconds_{kind}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
-        found[kind] = float(match.group(1)) if match else 0.0
-    return found["sum"], found["count"]
+    found: dict[str, float] = {}
+    for name in SERVER_FIGURES:
+        for kind in ("sum", "count"):
+            pattern = rf"^far_inference_{name}_seconds_{kind}\{{[^}}]*\}} (\S+)$"
+            match = re.search(pattern, text, re.MULTILINE)
+            found[f"{name}_{kind}"] = float(match.group(1)) if match else 0.0
+    return found
 
 
 def _stub_alive(triton: TritonProcess) -> bool:
@@ -521,8 +535,8 @@ async def _measure(
             tally.streams.extend(partial.streams)
             tally.round_ttft_p50_ms.extend(partial.round_ttft_p50_ms)
             tally.wall_s += partial.wall_s
-            tally.to_model_s += partial.to_model_s
-            tally.to_model_calls += partial.to_model_calls
+            for name, value in partial.server.items():
+                tally.server[name] += value
             for name, seconds in partial.cpu_s.items():
                 tally.cpu_s[name] += seconds
             return
@@ -574,6 +588,8 @@ def _summary(cases: list[Case]) -> dict[str, Any]:
             summary[f"tokens_per_s_ratio{suffix}"] = round(case.tokens_per_s / base.tokens_per_s, 3)
             summary[f"ms_per_token_added{suffix}"] = round(case.ms_per_token - base.ms_per_token, 3)
             summary[f"time_to_model_mean_ms{suffix}"] = round(case.time_to_model_mean_ms or 0.0, 3)
+            # The platform's share of its callers' mean TTFT: theirs less the model's own for the same calls.
+            summary[f"ttft_added_mean_ms{suffix}"] = round(case.ttft_mean_ms - (case.model_ttft_mean_ms or 0.0), 2)
     return summary
 
 
@@ -696,17 +712,18 @@ def _placement_section(m: Measured) -> str:
     rows = "\n".join(
         f"| {c.path} | {c.concurrency} | {c.streams} | {c.ttft_p50_ms:.1f} | {c.ttft_p99_ms:.1f} | "
         f"{c.tokens_per_s:.1f} | {c.ms_per_token:.2f} | {ms(c.time_to_job_p50_ms, 1)} | "
-        f"{ms(c.time_to_model_mean_ms)} | "
+        f"{ms(c.time_to_model_mean_ms)} | {c.ttft_mean_ms:.1f} | {ms(c.model_ttft_mean_ms, 1)} | "
         f"{ms(c.service_cpu_ms_per_token)} | {ms(c.envoy_cpu_ms_per_token)} | {c.triton_cpu_ms_per_token:.2f} | "
         f"{ms(c.stores_cpu_ms_per_token)} |"
         for c in sorted(cases, key=lambda c: (c.concurrency, PATHS.index(c.path)))
     )
     added = "\n".join(
         f"| {concurrency} | {summary[f'ttft_added_p50_ms{sfx}']:+.1f} | {summary[f'ttft_added_p99_ms{sfx}']:+.1f} | "
-        f"{summary[f'ttft_added_paired_ms{sfx}']:+.1f} | "
+        f"{summary[f'ttft_added_paired_ms{sfx}']:+.1f} | {summary[f'ttft_added_mean_ms{sfx}']:+.1f} | "
         f"{summary[f'tokens_per_s_ratio{sfx}']:.3f} | {summary[f'ms_per_token_added{sfx}']:+.2f} | "
         f"{summary[f'ttft_added_p50_ms_service_direct{sfx}']:+.1f} | "
         f"{summary[f'ttft_added_paired_ms_service_direct{sfx}']:+.1f} | "
+        f"{summary[f'ttft_added_mean_ms_service_direct{sfx}']:+.1f} | "
         f"{summary[f'tokens_per_s_ratio_service_direct{sfx}']:.3f} |"
         for concurrency, sfx in ((c, "" if c == 16 else f"_c{c}") for c in ROUNDS)
     )
@@ -732,7 +749,10 @@ Added by the platform (via Envoy unless marked), against `triton_direct` at the 
 - Targets at 16 streams through Envoy: added TTFT p50 **{summary["ttft_added_p50_ms"]:+.1f} ms** (goal <= 1 ms:
   {verdict(summary["ttft_added_p50_ms"] <= 1)}), p99 **{summary["ttft_added_p99_ms"]:+.1f} ms** (goal <= 5 ms:
   {verdict(summary["ttft_added_p99_ms"] <= 5)}); tokens/s ratio **{summary["tokens_per_s_ratio"]:.3f}** (goal >= 0.95:
-  {verdict(summary["tokens_per_s_ratio"] >= 0.95)})."""
+  {verdict(summary["tokens_per_s_ratio"] >= 0.95)}).
+- The same calls against the model's own time to first token (as the server saw it): the platform adds
+  **{summary["ttft_added_mean_ms"]:+.1f} ms** to the mean at 16 streams through Envoy, of which
+  {summary["time_to_model_mean_ms"]:.1f} ms in the server before the model is asked."""
 
 
 def main() -> int:

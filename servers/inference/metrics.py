@@ -3,8 +3,9 @@
 Time to first token counts from job creation (queue wait included), as `Job.time_to_first_token` does; time
 per output token is the mean gap between a job's tokens after the first; queue time runs from admission to
 the start on a node. Time to model is what the latency budget is about: how long a call that starts at once
-spends in the platform (interceptors, validation, node choice) before its Triton request goes out. Exposed on
-the server's METRICS_LISTEN with the common RPC metrics.
+spends in the platform (interceptors, validation, node choice) before its Triton request goes out; the model's
+time to first token runs from that request to its first token. Exposed on the server's METRICS_LISTEN with the
+common RPC metrics.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ TIME_TO_MODEL = Histogram(
     " start at once: the platform's own work in front of the model.",
     ["model"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+MODEL_TIME_TO_FIRST_TOKEN = Histogram(
+    "far_inference_model_time_to_first_token_seconds",
+    "From a job's Triton request going out to the first token coming back: the model's own time to first"
+    " token, as this service sees it (the platform's share of a caller's is the rest).",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
 )
 QUEUE_TIME = Histogram(
     "far_inference_queue_time_seconds",

@@ -231,6 +231,7 @@ class Runner:
         outcome = Outcome(state=job_pb2.Job.STATE_RUNNING, finish_reason=job_pb2.FINISH_REASON_UNSPECIFIED)
         first_token_wall: float | None = None
         last_token_wall = 0.0
+        sent_at = 0.0  # time.monotonic() when the job's Triton request went out
         create_time: datetime | None = None
 
         def deliver(piece: Piece) -> None:
@@ -244,6 +245,7 @@ class Runner:
             last_token_wall = time.time()
             if first_token_wall is None:
                 first_token_wall = last_token_wall
+                metrics.MODEL_TIME_TO_FIRST_TOKEN.labels(model.id).observe(time.monotonic() - sent_at)
             outcome.text.append(piece.text)
             outcome.completion_tokens = piece.offset + piece.token_count
             if accepted is not None and not accepted.done():  # a model that does not announce acceptance
@@ -254,7 +256,8 @@ class Runner:
                 deliver(piece)
 
         def on_node(node: NodeInfo) -> None:
-            nonlocal arrived
+            nonlocal arrived, sent_at
+            sent_at = time.monotonic()  # each node's try: the model's own time runs from its request
             if arrived is not None:  # the first node only: a failover's retry is not the platform's delay
                 metrics.TIME_TO_MODEL.labels(model.id).observe(time.monotonic() - arrived)
                 arrived = None

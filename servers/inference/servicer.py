@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from far.inference.v1 import inference_service_pb2 as pb
@@ -28,6 +28,7 @@ from servers.inference.catalog import Catalog, ModelSpec
 from servers.inference.executor import error_status
 from servers.inference.models import JobRow
 from servers.inference.nodes import NodeDirectory
+from servers.inference.overlap import overlapped
 from servers.inference.prices import Prices
 from servers.inference.quotes import Quotes, token_amount
 from servers.inference.requests import JobSpec, validate
@@ -39,7 +40,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 JOB_PATTERN = "jobs/{job}"
 DISCONNECT_GRACE_S = 30.0
 _PRIVILEGED = (Role.ADMIN, Role.OPERATOR)
-T = TypeVar("T")
 
 
 @dataclass
@@ -192,7 +192,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             return earlier
         # The payment is consumed when the job is inserted, before any node sees the prompt: a node's tokenizer
         # checks it first, while the payment is verified.
-        paid = await _overlapped(
+        paid = await overlapped(
             jobs.pay(self._p.chain, principal.subject, spec, quote),
             self._p.runner.count_prompt(model, spec.generation),
         )
@@ -303,7 +303,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             return
         # Queued: the payment is consumed when the job is inserted, before any node sees the prompt, so a
         # node's tokenizer checks it first (no slot needed), while the payment is verified.
-        paid = await _overlapped(
+        paid = await overlapped(
             jobs.pay(self._p.chain, principal.subject, spec, quote), self._p.runner.count_prompt(model, spec.generation)
         )
         ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject)
@@ -487,20 +487,6 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-async def _overlapped(work: Awaitable[T], check: Awaitable[object]) -> T:
-    """`work`'s result once `check` has passed too; both run at once, and the first failure cancels the other."""
-    checking = asyncio.ensure_future(check)
-    try:
-        result = await work
-        await checking
-    except BaseException:
-        checking.cancel()
-        with contextlib.suppress(BaseException):
-            await checking
-        raise
-    return result
 
 
 class _Behind(Exception):

@@ -364,6 +364,7 @@ async def test_job_events_and_metrics(
     before = REGISTRY.get_sample_value("far_inference_time_to_first_token_seconds_count", labels) or 0
     to_model = REGISTRY.get_sample_value("far_inference_time_to_model_seconds_count", labels) or 0
     to_model_s = REGISTRY.get_sample_value("far_inference_time_to_model_seconds_sum", labels) or 0
+    model_ttft = REGISTRY.get_sample_value("far_inference_model_time_to_first_token_seconds_count", labels) or 0
     started = time.monotonic()
     responses = [r async for r in stub.Generate(story(max_tokens=4), metadata=caller(owner))]
     elapsed = time.monotonic() - started
@@ -375,6 +376,7 @@ async def test_job_events_and_metrics(
     assert (
         0 < (REGISTRY.get_sample_value("far_inference_time_to_model_seconds_sum", labels) or 0) - to_model_s < elapsed
     )
+    assert REGISTRY.get_sample_value("far_inference_model_time_to_first_token_seconds_count", labels) == model_ttft + 1
     assert REGISTRY.get_sample_value("far_inference_tokens_total", {"model": CHAT_MODEL, "kind": "completion"})
     # Job events on the bus for the realtime service (through the outbox). A Generate that starts at once is
     # inserted RUNNING (it never queued): started, then ended.
