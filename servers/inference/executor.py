@@ -10,7 +10,7 @@ Triton request (the node frees its slot within about a token).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import structlog
@@ -85,6 +85,17 @@ class Clients:
         self._clients.clear()
 
 
+def _nodes(directory: NodeDirectory, model: str, tried: list[str], max_attempts: int) -> Iterator[NodeInfo]:
+    """The nodes to try for `model`, least loaded first, each once, at most `max_attempts` (`tried` collects
+    their endpoints)."""
+    while len(tried) < max_attempts:
+        node = directory.pick(model, exclude=tried)
+        if node is None:
+            return
+        tried.append(node.endpoint)
+        yield node
+
+
 def _failed(reason: str, message: str, outcome: Outcome, code: int = code_pb2.UNAVAILABLE) -> Outcome:
     outcome.state = job_pb2.Job.STATE_FAILED
     outcome.finish_reason = job_pb2.FINISH_REASON_ERROR
@@ -107,11 +118,7 @@ async def execute(
     """Run `generation` on the least loaded node serving `model` (the Triton model name)."""
     outcome = Outcome(state=job_pb2.Job.STATE_RUNNING, finish_reason=job_pb2.FINISH_REASON_UNSPECIFIED)
     tried: list[str] = []
-    while len(tried) < max_attempts:
-        node = directory.pick(model, exclude=tried)
-        if node is None:
-            break
-        tried.append(node.endpoint)
+    for node in _nodes(directory, model, tried, max_attempts):
         outcome.node = node.name
         if on_node is not None:
             on_node(node)
@@ -175,11 +182,7 @@ async def count(
     FailedPrecondition `MODEL_UNAVAILABLE` (no node); Unavailable `NODE_FAILED` (with RetryInfo) when the nodes
     tried all failed."""
     tried: list[str] = []
-    while len(tried) < max_attempts:
-        node = directory.pick(model, exclude=tried)
-        if node is None:
-            break
-        tried.append(node.endpoint)
+    for node in _nodes(directory, model, tried, max_attempts):
         headers: dict[str, str] = {}
         propagate.inject(headers)
         try:

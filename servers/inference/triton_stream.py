@@ -126,6 +126,15 @@ async def _one(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     yield request
 
 
+async def _results(responses: AsyncIterator[tuple[Any, Any]]) -> AsyncIterator[Any]:
+    """The results of a stream; an error response raises (`_refusal`)."""
+    async for result, error in responses:
+        if error is not None:
+            raise _refusal(error)
+        if result is not None:
+            yield result
+
+
 def _refusal(error: Any) -> Exception:
     """An error response from the model: PromptTooLong when the prompt was over the limit, else NodeError."""
     if "PROMPT_TOO_LONG" in str(error):
@@ -144,11 +153,7 @@ async def count_prompt(
     request = {"model_name": model, "inputs": inputs, "outputs": [InferRequestedOutput(n) for n in OUTPUTS]}
     responses = client.stream_infer(_one(request), headers=headers)
     try:
-        async for result, error in responses:
-            if error is not None:
-                raise _refusal(error)
-            if result is None:
-                continue
+        async for result in _results(responses):
             if _text(_first(result, "finish_reason")) != "counted":
                 raise NodeError("the node answered a count with something else (a model without count_prompt?)")
             return int(_first(result, "prompt_tokens"))
@@ -180,11 +185,7 @@ async def stream_generation(
     held = ""
     finished = False
     try:
-        async for result, error in responses:
-            if error is not None:
-                raise _refusal(error)
-            if result is None:
-                continue
+        async for result in _results(responses):
             text = _text(_first(result, "text"))
             completion = _first(result, "completion_tokens")
             reason_now = _text(_first(result, "finish_reason"))
