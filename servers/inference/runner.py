@@ -133,7 +133,8 @@ class Runner:
         accepted: asyncio.Future[int] | None = None,
         arrived: float | None = None,
     ) -> None:
-        """Run the job in a task (a slot must be reserved for it).
+        """Run the job in a task (a slot must be reserved for it, and the id must not run here already:
+        `is_running`).
 
         With a `gate`, generation starts now but nothing is written or delivered until the gate is set: the
         caller creates the job (payment, row; inserted RUNNING) meanwhile and sets the gate with its row. A
@@ -287,10 +288,10 @@ class Runner:
                 try:
                     started = await gate
                 except BaseException:  # the job was never created: stop the model, leave no trace
+                    self._forget(job_id, running)  # at once: the call may queue the same job id next
                     generating.cancel()
                     with contextlib.suppress(BaseException):
                         await generating
-                    self._forget(job_id, running)
                     self._slots[model.id].give()
                     return
             writer = TokenWriter(self._streams, job_id)

@@ -231,7 +231,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             raise FailedPrecondition(f"{model.name} is paid and this server has no chain", reason="MODEL_UNAVAILABLE")
         spec, quote = await jobs.resolve(self._p.quotes, principal.subject, spec)
         job_id = jobs.job_id_for(quote)
-        if self._p.runner.try_reserve(model):
+        # A paid job's id is its quote's: a call that reuses a payment whose job runs here must not start a second
+        # run under that id (it goes the queued way, where the payment is found used).
+        if not self._p.runner.is_running(job_id) and self._p.runner.try_reserve(model):
             # The fast path: the model starts its prefill now, while the payment is verified and the job is
             # admitted and recorded; its pieces are held until that is done (none reaches the caller unpaid).
             # Even the reads that may turn the call away come after the start: jobs waiting in the model's queue

@@ -283,6 +283,34 @@ def test_a_paid_job_with_too_long_a_prompt_is_refused_and_its_payment_kept(
     assert accepted.json()["payment"]["transaction"]["txHash"] == body["payment"]["transaction"]["txHash"]
 
 
+def test_a_payment_reused_while_its_job_runs_leaves_that_job_alone(stack: Stack, customers: list[Customer]) -> None:
+    """A second Generate with the same quote and payment (the same job id) while the first job runs is a 409,
+    and the running job stays this replica's to cancel."""
+    customer = customers[0]
+    body = customer.paid_body(max_tokens=200, prompt="Write a long story about a lighthouse keeper.")
+    seen: list[dict[str, Any]] = []
+    with httpx.stream(
+        "POST",
+        generate_url(stack),
+        json=body,
+        headers={**customer.headers, "accept": "application/x-ndjson"},
+        timeout=60,
+    ) as response:
+        for line in response.iter_lines():
+            if line.strip():
+                seen.append(json.loads(line))
+            if any("delta" in m for m in seen):
+                break  # the job runs (the caller's disconnect leaves it running for a while)
+    again = httpx.post(generate_url(stack), json=body, headers=customer.headers, timeout=60)
+    assert again.status_code == 409, again.text
+    info = next(d for d in again.json()["details"] if d["@type"].endswith("ErrorInfo"))
+    assert info["reason"] == "PAYMENT_ALREADY_USED"
+    name = seen[0]["job"]["name"]
+    cancelled = httpx.post(f"{stack.envoy_http_url}/v1/{name}:cancel", json={}, headers=customer.headers, timeout=30)
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["state"] == "STATE_CANCELLED"  # found and stopped, not left running
+
+
 def test_disconnect_and_resume_yields_the_whole_text_once(stack: Stack, customers: list[Customer]) -> None:
     customer = customers[2]
     seen: list[dict[str, Any]] = []
