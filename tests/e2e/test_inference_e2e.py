@@ -283,11 +283,8 @@ def test_a_paid_job_with_too_long_a_prompt_is_refused_and_its_payment_kept(
     assert accepted.json()["payment"]["transaction"]["txHash"] == body["payment"]["transaction"]["txHash"]
 
 
-def test_a_payment_reused_while_its_job_runs_leaves_that_job_alone(stack: Stack, customers: list[Customer]) -> None:
-    """A second Generate with the same quote and payment (the same job id) while the first job runs is a 409,
-    and the running job stays this replica's to cancel."""
-    customer = customers[0]
-    body = customer.paid_body(max_tokens=200, prompt="Write a long story about a lighthouse keeper.")
+def _generate_until(stack: Stack, customer: Customer, body: dict[str, Any], *, deltas: int) -> list[dict[str, Any]]:
+    """Generate as NDJSON through Envoy, dropping the connection once `deltas` deltas came; the messages seen."""
     seen: list[dict[str, Any]] = []
     with httpx.stream(
         "POST",
@@ -299,8 +296,17 @@ def test_a_payment_reused_while_its_job_runs_leaves_that_job_alone(stack: Stack,
         for line in response.iter_lines():
             if line.strip():
                 seen.append(json.loads(line))
-            if any("delta" in m for m in seen):
-                break  # the job runs (the caller's disconnect leaves it running for a while)
+            if sum(1 for m in seen if "delta" in m) == deltas:
+                break
+    return seen
+
+
+def test_a_payment_reused_while_its_job_runs_leaves_that_job_alone(stack: Stack, customers: list[Customer]) -> None:
+    """A second Generate with the same quote and payment (the same job id) while the first job runs is a 409,
+    and the running job stays this replica's to cancel."""
+    customer = customers[0]
+    body = customer.paid_body(max_tokens=200, prompt="Write a long story about a lighthouse keeper.")
+    seen = _generate_until(stack, customer, body, deltas=1)  # the job runs (and does after the disconnect)
     again = httpx.post(generate_url(stack), json=body, headers=customer.headers, timeout=60)
     assert again.status_code == 409, again.text
     info = next(d for d in again.json()["details"] if d["@type"].endswith("ErrorInfo"))
@@ -313,19 +319,8 @@ def test_a_payment_reused_while_its_job_runs_leaves_that_job_alone(stack: Stack,
 
 def test_disconnect_and_resume_yields_the_whole_text_once(stack: Stack, customers: list[Customer]) -> None:
     customer = customers[2]
-    seen: list[dict[str, Any]] = []
-    with httpx.stream(
-        "POST",
-        generate_url(stack),
-        json=customer.paid_body(max_tokens=40, prompt="Write a short poem about the sea."),
-        headers={**customer.headers, "accept": "application/x-ndjson"},
-        timeout=60,
-    ) as response:
-        for line in response.iter_lines():
-            if line.strip():
-                seen.append(json.loads(line))
-            if sum(1 for m in seen if "delta" in m) == 3:
-                break  # the connection drops here
+    body = customer.paid_body(max_tokens=40, prompt="Write a short poem about the sea.")
+    seen = _generate_until(stack, customer, body, deltas=3)  # the connection drops here
     job_name = seen[0]["job"]["name"]
     offset = sum(m["delta"]["tokenCount"] for m in seen if "delta" in m)
     rest = httpx.get(
