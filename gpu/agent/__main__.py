@@ -18,6 +18,7 @@ from gpu.agent.nvml import NvmlSampler
 from gpu.agent.placement import Placer
 from gpu.agent.telemetry import TelemetryCollector
 from gpu.triton import TritonProcess
+from servers.common import event_loop
 from servers.common.config import ConfigError
 from servers.common.observability import configure_logging
 
@@ -79,11 +80,14 @@ def main() -> int:
         return 2
     configure_logging("gpu-agent", settings.log_level, settings.log_format)
     if isinstance(settings.triton, TritonAttach):
-        asyncio.run(serve(settings, settings.triton))
+        event_loop.run(serve(settings, settings.triton), settings.event_loop)
         return 0
     triton = start_triton(settings.triton)
     try:
-        asyncio.run(serve(settings, TritonAttach(grpc_address=triton.grpc_url, metrics_url=triton.metrics_url)))
+        event_loop.run(
+            serve(settings, TritonAttach(grpc_address=triton.grpc_url, metrics_url=triton.metrics_url)),
+            settings.event_loop,
+        )
     finally:
         triton.stop()
     return 0

@@ -18,6 +18,7 @@ import grpc
 
 from gpu.triton import MODEL_REPOSITORY
 from servers.common.config import ConfigError, Env
+from servers.common.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 
 DEV_CHAIN_ID = 97
 
@@ -79,6 +80,7 @@ class AgentSettings:
     triton: TritonAttach | TritonLaunch
     log_level: str
     log_format: str
+    event_loop: str
 
     @property
     def node_name(self) -> str:
@@ -124,6 +126,7 @@ class AgentSettings:
             triton=_triton(env, node_id),
             log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
             log_format=env.choice("LOG_FORMAT", "json", ("json", "console")),
+            event_loop=env.choice("EVENT_LOOP", DEFAULT_EVENT_LOOP, EVENT_LOOPS),
         )
 
 

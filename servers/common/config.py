@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from servers.common.auth import JwtKeys
+from servers.common.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 from servers.common.tls import ServerTls, TlsFilesError
 
 
@@ -107,6 +108,7 @@ class Settings:
     data_dir: Path
     log_level: str
     log_format: str
+    event_loop: str
     traces_exporter: str
     drain_delay_s: float
     shutdown_grace_s: float
@@ -157,6 +159,7 @@ class Settings:
             data_dir=Path(env.text("FAR_DATA_DIR", ".run/data") or ".run/data"),
             log_level=env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
             log_format=env.choice("LOG_FORMAT", "json", ("json", "console")),
+            event_loop=env.choice("EVENT_LOOP", DEFAULT_EVENT_LOOP, EVENT_LOOPS),
             traces_exporter=env.choice("OTEL_TRACES_EXPORTER", "none", ("none", "console", "otlp")),
             drain_delay_s=env.number("DRAIN_DELAY_SECONDS", 0.5),
             shutdown_grace_s=env.number("SHUTDOWN_GRACE_SECONDS", 5.0),

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 from sqlalchemy import Table
 
+from servers.common import event_loop
 from servers.common.access import AccessDeclarationError, access_rules
 from servers.common.auth import BearerAuthenticator, RevocationList, TokenVerifier
 from servers.common.config import ConfigError, Settings
@@ -235,6 +236,7 @@ async def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:
         "serving",
         grpc=f"{host}:{port}",
         tls="mtls" if settings.tls else "plaintext",
+        event_loop=settings.event_loop,
         metrics_port=metrics_port,
         services=list(spec.service_names),
     )
@@ -265,7 +267,7 @@ def run(spec: ServiceSpec) -> None:
         raise SystemExit(2) from None
     configure_logging(settings.service_name, settings.log_level, settings.log_format)
     try:
-        asyncio.run(serve_async(spec, settings))
+        event_loop.run(serve_async(spec, settings), settings.event_loop)
     except ConfigError as error:
         print(f"far-{spec.name}: configuration error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -60,15 +60,21 @@ class TokenStreams:
     def key(self, job: str) -> str:
         return f"{self._prefix}{job}:tokens"
 
-    async def append(self, job: str, deltas: list[Delta]) -> None:
-        """Append deltas in one round trip (in order) and keep the stream alive while the job runs."""
+    async def append(self, job: str, deltas: list[Delta], *, first: bool = True) -> None:
+        """Append deltas in one round trip (in order). The `first` append of a job also gives the stream its live
+        expiry (later XADDs keep it), so a writer's later batches are XADDs alone."""
         if not deltas:
             return
         key = self.key(job)
+        if len(deltas) == 1 and not first:  # one token per batch is the common case: no pipeline to build
+            delta = deltas[0]
+            await self._redis.xadd(key, {"o": delta.offset, "n": delta.token_count, "t": delta.text.encode()})
+            return
         pipe = self._redis.pipeline(transaction=False)
         for delta in deltas:
             pipe.xadd(key, {"o": delta.offset, "n": delta.token_count, "t": delta.text.encode()})
-        pipe.expire(key, LIVE_TTL_S)
+        if first:
+            pipe.expire(key, LIVE_TTL_S)
         await pipe.execute()
 
     async def end(self, job: str, end: bytes) -> None:
@@ -172,12 +178,14 @@ class TokenWriter:
         self._wake.set()
 
     async def _run(self) -> None:
+        first = True
         while True:
             await self._wake.wait()
             self._wake.clear()
             batch, self._pending = self._pending, []
             if batch:
-                await self._streams.append(self._job, batch)
+                await self._streams.append(self._job, batch, first=first)
+                first = False
             if self._closing and not self._pending:
                 return
 

@@ -19,9 +19,11 @@ from pathlib import Path
 import structlog
 from redis.asyncio import Redis
 
+from servers.common import event_loop
 from servers.common.chain import Chain, ChainSettings
 from servers.common.config import ConfigError, Env
 from servers.common.db import Database, redact
+from servers.common.event_loop import DEFAULT_EVENT_LOOP, EVENT_LOOPS
 from servers.common.events import EventBus
 from servers.common.observability import configure_logging
 from servers.common.outbox import Outbox
@@ -85,7 +87,7 @@ def main() -> None:
             env.choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
             env.choice("LOG_FORMAT", "json", ("json", "console")),
         )
-        asyncio.run(serve(env, chain_settings))
+        event_loop.run(serve(env, chain_settings), env.choice("EVENT_LOOP", DEFAULT_EVENT_LOOP, EVENT_LOOPS))
     except ConfigError as error:
         print(f"far-ingest: configuration error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

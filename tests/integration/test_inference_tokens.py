@@ -54,6 +54,22 @@ async def test_ttl_is_the_ended_horizon(streams: TokenStreams, redis_client: Red
     assert 0 < await redis_client.ttl(streams.key("j3")) <= 120
 
 
+async def test_a_writer_keeps_the_live_expiry_across_batches(streams: TokenStreams, redis_client: Redis) -> None:
+    writer = TokenWriter(streams, "j8")
+    key = streams.key("j8")
+    for count, delta in enumerate(DELTAS, start=1):
+        writer.push(delta)  # one batch each: the first sets the expiry, the later ones only add
+        for _ in range(200):
+            if await redis_client.xlen(key) == count:
+                break
+            await asyncio.sleep(0.005)
+        assert await redis_client.xlen(key) == count
+        assert await redis_client.ttl(key) > 120  # the live expiry, kept by every later XADD
+    await writer.close(b"e")
+    assert 0 < await redis_client.ttl(key) <= 120
+    assert await collect(streams, "j8") == [*DELTAS, End(b"e")]
+
+
 async def test_a_follower_waits_for_a_job_that_has_not_started(streams: TokenStreams) -> None:
     follower = asyncio.create_task(collect(streams, "j4"))
     await asyncio.sleep(0.1)

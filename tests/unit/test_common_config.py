@@ -43,6 +43,7 @@ class TestDefaults:
         assert s.redis_key_prefix == "far:"
         assert s.data_dir == Path(".run/data")
         assert (s.log_level, s.log_format, s.traces_exporter) == ("info", "json", "none")
+        assert s.event_loop == "uvloop"
         assert (s.drain_delay_s, s.shutdown_grace_s) == (0.5, 5.0)
         assert s.jwt_keys.current_kid == "k1"
         assert dict(s.jwt_keys.secrets) == {"k1": SECRET}
@@ -70,6 +71,7 @@ class TestDefaults:
             FAR_DATA_DIR="/var/far",
             LOG_LEVEL="DEBUG",
             LOG_FORMAT="console",
+            EVENT_LOOP="asyncio",
             OTEL_TRACES_EXPORTER="otlp",
             DRAIN_DELAY_SECONDS="0",
             SHUTDOWN_GRACE_SECONDS="2.5",
@@ -86,6 +88,7 @@ class TestDefaults:
         assert (s.jwt_keys.issuer, s.jwt_keys.audience) == ("iss", "aud")
         assert s.data_dir == Path("/var/far")
         assert (s.log_level, s.log_format, s.traces_exporter) == ("debug", "console", "otlp")
+        assert s.event_loop == "asyncio"
         assert (s.drain_delay_s, s.shutdown_grace_s) == (0.0, 2.5)
 
     @pytest.mark.parametrize(
@@ -161,6 +164,7 @@ class TestMalformedValues:
             ("METRICS_LISTEN", "9100", "METRICS_LISTEN='9100' must be host:port"),
             ("LOG_LEVEL", "verbose", "LOG_LEVEL='verbose' must be one of debug, info, warning, error"),
             ("LOG_FORMAT", "xml", "LOG_FORMAT='xml' must be one of json, console"),
+            ("EVENT_LOOP", "trio", "EVENT_LOOP='trio' must be one of uvloop, asyncio"),
             ("OTEL_TRACES_EXPORTER", "jaeger", "OTEL_TRACES_EXPORTER='jaeger' must be one of none, console, otlp"),
             ("DRAIN_DELAY_SECONDS", "soon", "DRAIN_DELAY_SECONDS='soon' is not a number"),
             ("DRAIN_DELAY_SECONDS", "-1", "DRAIN_DELAY_SECONDS=-1.0 must be at least 0.0"),
