@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
 
 DEFAULT_TTL_S = 24 * 3600
 """How long a job's token stream is kept after the job ends (the contract's STREAM_EXPIRED horizon)."""
@@ -48,6 +49,11 @@ class End:
     data: bytes
 
 
+def _entry(delta: Delta) -> dict[FieldT, EncodableT]:
+    """The stream entry of one delta (the fields `replay` reads back)."""
+    return {"o": delta.offset, "n": delta.token_count, "t": delta.text.encode()}
+
+
 class TokenStreams:
     """Reads and writes the per-job token streams."""
 
@@ -67,12 +73,11 @@ class TokenStreams:
             return
         key = self.key(job)
         if len(deltas) == 1 and not first:  # one token per batch is the common case: no pipeline to build
-            delta = deltas[0]
-            await self._redis.xadd(key, {"o": delta.offset, "n": delta.token_count, "t": delta.text.encode()})
+            await self._redis.xadd(key, _entry(deltas[0]))
             return
         pipe = self._redis.pipeline(transaction=False)
         for delta in deltas:
-            pipe.xadd(key, {"o": delta.offset, "n": delta.token_count, "t": delta.text.encode()})
+            pipe.xadd(key, _entry(delta))
         if first:
             pipe.expire(key, LIVE_TTL_S)
         await pipe.execute()
