@@ -244,7 +244,11 @@ def _median_case(runs: list[Case]) -> Case:
 
 
 def _write_results(
-    cases: list[Case], summary: dict[str, float], machine: dict[str, str], args: argparse.Namespace
+    cases: list[Case],
+    summary: dict[str, float],
+    machine: dict[str, str],
+    load: tuple[float, float],
+    args: argparse.Namespace,
 ) -> None:
     RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_JSON.write_text(
@@ -252,6 +256,7 @@ def _write_results(
             {
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
                 "machine": machine,
+                "load_average": {"start": load[0], "end": load[1]},
                 "duration_s": args.duration,
                 "warmup_s": args.warmup,
                 "runs": args.runs,
@@ -272,10 +277,10 @@ def _write_results(
 
 Measured {datetime.now(UTC):%Y-%m-%d} on {machine["cpu"]}, {machine["cores"]} cores, {machine["memory"]};
 Python {machine["python"]}, Envoy {machine["envoy"]}, {machine["h2load"]}. One gamed process, Envoy with
-2 worker threads and the load generator on the same machine, **shared with other work while it ran** (other
-test runs on the same 2 cores): treat the figures as rough. {args.duration:g} s per case after {args.warmup:g} s
-of warm-up, {args.runs} runs, medians. Concurrency 32 = 8 HTTP/2 connections x 4 streams. GetGame reads one
-game; ListGames returns a page of 20 (of {GAMES} published games).
+2 worker threads and the load generator all share the machine's cores (load average, 1 min: {load[0]:.2f}
+before, {load[1]:.2f} after): the figures move by +-30% from run to run. {args.duration:g} s per case
+after {args.warmup:g} s of warm-up, {args.runs} runs, medians. Concurrency 32 = 8 HTTP/2 connections x 4
+streams. GetGame reads one game; ListGames returns a page of 20 (of {GAMES} published games).
 
 The platform as deployed: gamed listens on mTLS only. `grpc_direct` and `grpc_via_envoy` use one Python
 client (grpc.aio, raw bytes) with a dev-CA client certificate, straight to gamed or through Envoy's partner
@@ -353,6 +358,7 @@ def main() -> int:
         print("bench: h2load is missing; install Debian's nghttp2-client (apt-get install nghttp2-client)")
         return 2
 
+    load_start = os.getloadavg()[0]
     with scratch("edge") as run:
         env = run.env(JWT_SECRET=JWT_SECRET, LOG_LEVEL="warning")
         run_migrations(["gamed"], env, log_path=run.work / "migrations.log")
@@ -373,7 +379,7 @@ def main() -> int:
             pick(m, "grpc_via_envoy", 1).p50_ms - pick(m, "grpc_direct", 1).p50_ms for m in methods
         ),
     }
-    _write_results(cases, summary, _machine(), args)
+    _write_results(cases, summary, _machine(), (load_start, os.getloadavg()[0]), args)
     print(json.dumps(summary, indent=2))
     print(f"written: {RESULTS_MD.relative_to(ROOT)}, {RESULTS_JSON.relative_to(ROOT)}")
     return 0
