@@ -97,7 +97,12 @@ class Database:
         if self.outbox is not None:
             await self.outbox.run_relay(self._sessions, interval_s=interval_s)
 
+    async def forget_delivered_events(self) -> int:
+        """Delete the outbox rows of events published since the relay's last pass (it does this itself)."""
+        return await self.outbox.forget_delivered(self._sessions) if self.outbox is not None else 0
+
     async def close(self) -> None:
+        await self.forget_delivered_events()
         await self.engine.dispose()
 
 

@@ -3,6 +3,11 @@
 If Redis is down when a change commits, its events wait in the service's `outbox` table and the relay
 publishes them later, so a committed change never loses its events. Every event carries an id
 (`<service>:<outbox row id>`) that stays the same if it is ever published twice, so consumers can dedupe.
+
+The rows of events published after their commit are deleted in batches, not in a transaction of their own
+per commit: by the relay's next pass (every couple of seconds), once `delete_batch` of them are waiting, and
+when the database closes. A write RPC then costs one transaction, not two. A row left behind (the process died
+first) is published again by a relay under the same event id.
 """
 
 from __future__ import annotations
@@ -46,11 +51,15 @@ class StagedEvent:
 class Outbox:
     """Stages events in a transaction, delivers them after the commit, and relays what was left behind."""
 
-    def __init__(self, table: Table, events: EventBus, *, source: str, relay_delay_s: float = 5.0) -> None:
+    def __init__(
+        self, table: Table, events: EventBus, *, source: str, relay_delay_s: float = 5.0, delete_batch: int = 256
+    ) -> None:
         self.table = table
         self._events = events
         self._source = source
         self._relay_delay_s = relay_delay_s
+        self._delete_batch = delete_batch
+        self._delivered: list[int] = []  # rows published after their commit, not deleted yet
 
     def event_id(self, row_id: int) -> str:
         return f"{self._source}:{row_id}"
@@ -76,24 +85,38 @@ class Outbox:
         return published
 
     async def deliver(self, sessions: async_sessionmaker[AsyncSession], staged: Sequence[StagedEvent]) -> None:
-        """Publish events that just committed and remove them from the outbox (what fails stays for the relay)."""
-        published = await self._publish(staged)
-        if published:
-            try:
-                async with sessions() as session, session.begin():
-                    await session.execute(delete(self.table).where(self.table.c.id.in_(published)))
-            except Exception:
-                log.warning("published events stay in the outbox; the relay will publish them again")
+        """Publish events that just committed (what fails stays for the relay); their rows go in a later batch."""
+        self._delivered.extend(await self._publish(staged))
+        if len(self._delivered) >= self._delete_batch:
+            await self.forget_delivered(sessions)
+
+    async def forget_delivered(self, sessions: async_sessionmaker[AsyncSession]) -> int:
+        """Delete the rows of the events `deliver` published, in one statement; returns how many. If that fails
+        they are tried again next time (a relay that finds one first publishes it again, under the same id)."""
+        ids, self._delivered = self._delivered, []
+        if not ids:
+            return 0
+        try:
+            async with sessions() as session, session.begin():
+                await session.execute(delete(self.table).where(self.table.c.id.in_(ids)))
+        except Exception:
+            self._delivered.extend(ids)
+            log.warning("published events stay in the outbox for now", rows=len(ids), exc_info=True)
+            return 0
+        return len(ids)
 
     async def relay_once(self, sessions: async_sessionmaker[AsyncSession], *, limit: int = 100) -> int:
-        """Publish the oldest events left behind (older than the relay delay); returns how many."""
+        """Publish the oldest events left behind (older than the relay delay); returns how many. The rows of
+        events already delivered are deleted first, and never published again by this process."""
+        await self.forget_delivered(sessions)
         async with sessions() as session, session.begin():
+            waiting = select(self.table).where(
+                self.table.c.create_time < func.now() - timedelta(seconds=self._relay_delay_s)
+            )
+            if self._delivered:  # delivered since, or their delete failed
+                waiting = waiting.where(self.table.c.id.not_in(self._delivered))
             result = await session.execute(
-                select(self.table)
-                .where(self.table.c.create_time < func.now() - timedelta(seconds=self._relay_delay_s))
-                .order_by(self.table.c.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
+                waiting.order_by(self.table.c.id).limit(limit).with_for_update(skip_locked=True)
             )
             staged = [StagedEvent(row.id, row.topic, row.type, row.data) for row in result]
             published = await self._publish(staged)

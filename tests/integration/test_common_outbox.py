@@ -64,7 +64,7 @@ async def _events(redis_client: Redis, bus: EventBus, topic: str) -> list[tuple[
 
 @pytest.mark.usefixtures("schema")
 class TestOutbox:
-    async def test_committed_events_are_published_and_leave_the_outbox(
+    async def test_committed_events_are_published_and_leave_the_outbox_in_a_later_batch(
         self, database_url: str, bus: EventBus, redis_client: Redis
     ) -> None:
         topic = f"outbox.{uuid.uuid4().hex}"
@@ -77,9 +77,41 @@ class TestOutbox:
             assert [value for _, value in events] == ["one", "two"]
             assert all(event_id.startswith("test:") for event_id, _ in events)
             assert len({event_id for event_id, _ in events}) == 2
+            # Published at once; the rows wait for the relay's next pass, which deletes them and publishes
+            # nothing again (its delay is 0 here, so it would find them).
+            assert await _outbox_rows(database) == 2
+            assert database.outbox is not None
+            assert await database.outbox.relay_once(async_sessionmaker(database.engine)) == 0
             assert await _outbox_rows(database) == 0
+            assert await _events(redis_client, bus, topic) == events
         finally:
             await database.close()
+
+    async def test_delivered_rows_go_once_a_batch_is_full_and_when_the_database_closes(
+        self, database_url: str, bus: EventBus, redis_client: Redis
+    ) -> None:
+        topic = f"outbox.{uuid.uuid4().hex}"
+        database = Database(
+            database_url, events=bus, outbox=Outbox(TABLE, bus, source="test", delete_batch=3), pool_size=2
+        )
+        try:
+            for value in ("one", "two"):
+                async with database.transaction() as unit:
+                    unit.publish(topic, Text(value=value))
+            assert await _outbox_rows(database) == 2
+            async with database.transaction() as unit:  # the third fills the batch: all three go
+                unit.publish(topic, Text(value="three"))
+            assert await _outbox_rows(database) == 0
+            async with database.transaction() as unit:
+                unit.publish(topic, Text(value="four"))
+            assert await _outbox_rows(database) == 1
+        finally:
+            await database.close()
+        try:
+            assert await _outbox_rows(database) == 0  # the engine opens a new pool after close
+        finally:
+            await database.engine.dispose()
+        assert [value for _, value in await _events(redis_client, bus, topic)] == ["one", "two", "three", "four"]
 
     async def test_rolled_back_events_are_neither_staged_nor_published(
         self, database_url: str, bus: EventBus, redis_client: Redis
