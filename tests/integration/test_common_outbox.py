@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import pytest
 from google.protobuf import wrappers_pb2
 from redis.asyncio import Redis
 from sqlalchemy import MetaData, func, select, text
-from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from servers.common.db import Database
 from servers.common.events import EventBus
@@ -129,6 +130,28 @@ class TestOutbox:
                 await fail()
             assert await _events(redis_client, bus, topic) == []
             assert await _outbox_rows(database) == 0
+        finally:
+            await database.close()
+
+    async def test_a_failed_delete_keeps_the_rows_for_the_next_pass_and_publishes_nothing_twice(
+        self, database_url: str, bus: EventBus, redis_client: Redis
+    ) -> None:
+        topic = f"outbox.{uuid.uuid4().hex}"
+        database = _database(database_url, bus)
+
+        def unreachable() -> AsyncSession:
+            raise OSError("PostgreSQL is not there")
+
+        try:
+            async with database.transaction() as unit:
+                unit.publish(topic, Text(value="once"))
+            assert database.outbox is not None
+            assert await database.outbox.forget_delivered(cast(Any, unreachable)) == 0
+            assert await _outbox_rows(database) == 1
+            # The relay (delay 0: it would find the row) deletes it and does not publish it again.
+            assert await database.outbox.relay_once(async_sessionmaker(database.engine)) == 0
+            assert await _outbox_rows(database) == 0
+            assert [value for _, value in await _events(redis_client, bus, topic)] == ["once"]
         finally:
             await database.close()
 
