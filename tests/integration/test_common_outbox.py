@@ -49,8 +49,9 @@ async def schema(database_url: str) -> AsyncIterator[None]:
         await database.close()
 
 
-def _database(url: str, bus: EventBus) -> Database:
-    return Database(url, events=bus, outbox=Outbox(TABLE, bus, source="test", relay_delay_s=0), pool_size=2)
+def _database(url: str, bus: EventBus, *, delete_batch: int = 256) -> Database:
+    outbox = Outbox(TABLE, bus, source="test", relay_delay_s=0, delete_batch=delete_batch)
+    return Database(url, events=bus, outbox=outbox, pool_size=2)
 
 
 async def _outbox_rows(database: Database) -> int:
@@ -92,9 +93,7 @@ class TestOutbox:
         self, database_url: str, bus: EventBus, redis_client: Redis
     ) -> None:
         topic = f"outbox.{uuid.uuid4().hex}"
-        database = Database(
-            database_url, events=bus, outbox=Outbox(TABLE, bus, source="test", delete_batch=3), pool_size=2
-        )
+        database = _database(database_url, bus, delete_batch=3)
         try:
             for value in ("one", "two"):
                 async with database.transaction() as unit:
