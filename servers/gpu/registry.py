@@ -139,6 +139,11 @@ def placement_delta(row: NodeRow) -> tuple[list[Placement], list[Placement]]:
     return load, unload
 
 
+def _heard_since(row: NodeRow, since: datetime) -> bool:
+    """Whether the row's last accepted report came at or after `since`."""
+    return row.last_seen_time is not None and row.last_seen_time >= since
+
+
 def _validate_labels(labels: Sequence[tuple[str, str]], field: str, v: Violations) -> None:
     if len(labels) > MAX_LABELS:
         v.add(field, f"at most {MAX_LABELS} labels")
@@ -490,13 +495,17 @@ class Registry:
     # --- liveness ------------------------------------------------------------------------------
 
     async def sweep(self, uow: UnitOfWork) -> list[Change]:
-        """HEALTHY nodes without a live report become UNHEALTHY; DRAINING nodes past their deadline DRAINED."""
+        """HEALTHY nodes without a live report become UNHEALTHY; DRAINING nodes past their deadline DRAINED.
+
+        A report commits its row before its live key is written, so a sweep between the two finds a HEALTHY row
+        and no key: a node is silent only when its row's last report is also older than the liveness window."""
         rows = await repo.nodes_in_states(uow.session, [State.HEALTHY, State.DRAINING], for_update=True)
         health = await self._live.live_health([row.id for row in rows if row.state == State.HEALTHY])
         now = self._clock()
+        heard_since = now - timedelta(seconds=self._settings.liveness_ttl_s)
         changes = []
         for row in rows:
-            if row.state == State.HEALTHY and row.id not in health:
+            if row.state == State.HEALTHY and row.id not in health and not _heard_since(row, heard_since):
                 row.state = State.UNHEALTHY
                 row.state_message = f"no telemetry report for {self._settings.liveness_ttl_s:g} seconds"
             elif row.state == State.DRAINING and row.drain_deadline is not None and row.drain_deadline <= now:

@@ -10,6 +10,7 @@ import grpc
 import pytest
 from far.gpu.v1 import gpu_service_pb2, gpu_service_pb2_grpc, node_pb2
 from google.protobuf import duration_pb2
+from redis.asyncio import Redis
 
 from servers.common.config import Settings
 from servers.common.events import EventBus
@@ -20,6 +21,7 @@ from tests.integration.gpu_support import (
     AgentStream,
     GpuStub,
     Operator,
+    RunningGpu,
     registered,
     report,
     running_gpu,
@@ -159,6 +161,23 @@ class TestSilence:
         await wait_for_state(gpu, name, me, State.STATE_HEALTHY)
         states = [event.state for event in await node_events(bus, name)]
         assert State.STATE_HEALTHY in states[states.index(State.STATE_UNHEALTHY) + 1 :]
+
+    async def test_a_sweep_between_a_reports_commit_and_its_live_key_leaves_the_node_healthy(
+        self, gpu: GpuStub, gpu_server: RunningGpu, auth: Auth, redis_client: Redis, redis_key_prefix: str
+    ) -> None:
+        # A report commits HEALTHY, then writes the live key: a sweep in between found a HEALTHY row without a key
+        # and turned a node that had just reported UNHEALTHY until its next report. Deleting the key reproduces it.
+        operator = Operator.new()
+        name, token = await registered(gpu, operator)
+        me = auth(operator.address)
+        async with AgentStream.open(gpu, token, name) as agent:
+            await agent.send(report(1))
+            await agent.next_of("ack")
+            assert await redis_client.delete(f"{redis_key_prefix}gpu:live:{name.removeprefix('nodes/')}") == 1
+            assert gpu_server.app.sweeper is not None
+            await gpu_server.app.sweeper.sweep_once()
+            node = await gpu.GetNode(gpu_service_pb2.GetNodeRequest(name=name), metadata=me)
+        assert node.state == State.STATE_HEALTHY
 
 
 class TestPlacement:
