@@ -39,6 +39,20 @@ from servers.common.pagination import PageTokens
 log = structlog.get_logger("far.server")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SHUTDOWN_STEP_S = 10.0
+"""The most one stopping hook or closer may take; past it the step is cancelled, named in a warning, and the
+shutdown goes on (`server.stop` gets its grace plus this)."""
+
+
+async def _shutdown_step(kind: str, step: Callable[[], Awaitable[object]]) -> None:
+    """Run one shutdown step within SHUTDOWN_STEP_S; an overrun or an error is logged, never raised."""
+    name = getattr(step, "__qualname__", repr(step))
+    try:
+        await asyncio.wait_for(step(), SHUTDOWN_STEP_S)
+    except TimeoutError:
+        log.warning("a shutdown step did not finish in time; cancelled", kind=kind, step=name, limit_s=SHUTDOWN_STEP_S)
+    except Exception:
+        log.exception("error in a shutdown step", kind=kind, step=name)
 
 
 @dataclass
@@ -68,10 +82,7 @@ class Runtime:
     async def stopping(self) -> None:
         """Run the stopping hooks (`RunningServer.stop()` does, before `server.stop(grace)`)."""
         for hook in self._stopping:
-            try:
-                await hook()
-            except Exception:
-                log.exception("error in a stopping hook")
+            await _shutdown_step("stopping hook", hook)
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Run `closer` at shutdown, after the server stopped taking calls (last registered, first run)."""
@@ -79,10 +90,7 @@ class Runtime:
 
     async def close(self) -> None:
         for closer in reversed(self._closers):
-            try:
-                await closer()
-            except Exception:
-                log.exception("error while closing")
+            await _shutdown_step("closer", closer)
 
 
 @dataclass(frozen=True)
@@ -155,15 +163,23 @@ class RunningServer:
 
     async def stop(self) -> None:
         settings = self.runtime.settings
-        log.info("draining", grace_s=settings.shutdown_grace_s)
+        log.info("draining", service=settings.service_name, grace_s=settings.shutdown_grace_s)
         try:
             await self.health.enter_graceful_shutdown()
             await asyncio.sleep(settings.drain_delay_s)
             await self.runtime.stopping()
-            await self.server.stop(settings.shutdown_grace_s)
+            await _stop_grpc(self.server, settings.shutdown_grace_s)
         finally:
             await self.runtime.close()
-            log.info("stopped")
+            log.info("stopped", service=settings.service_name)
+
+
+async def _stop_grpc(server: grpc.aio.Server, grace_s: float) -> None:
+    """`server.stop(grace)`, bounded: a stop that outlives its grace by SHUTDOWN_STEP_S is given up on."""
+    try:
+        await asyncio.wait_for(server.stop(grace_s), grace_s + SHUTDOWN_STEP_S)
+    except TimeoutError:
+        log.warning("the gRPC server did not stop in time; closing anyway", limit_s=grace_s + SHUTDOWN_STEP_S)
 
 
 async def start_server(spec: ServiceSpec, settings: Settings) -> RunningServer:

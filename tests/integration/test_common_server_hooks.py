@@ -15,6 +15,7 @@ import pytest
 from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from servers.common import server as server_module
 from servers.common.config import Settings
 from servers.common.server import Runtime, ServiceSpec, start_server
 from tests.integration.probe_contract import PUBLIC, Kind, declare_probe
@@ -110,3 +111,49 @@ class TestStoppingHooks:
             await stopping
         assert service.order == ["failing", "stopping", "close"]
         assert service.health_when_stopping == [Health.NOT_SERVING]
+
+
+class StuckSteps:
+    """A stopping hook and a closer that never finish, and a closer that records it ran after them."""
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+        self.closed_after_stuck = False
+
+    async def _hang(self, name: str) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(name)
+            raise
+
+    async def stuck_hook(self) -> None:
+        await self._hang("hook")
+
+    async def stuck_closer(self) -> None:
+        await self._hang("closer")
+
+    async def last_closer(self) -> None:
+        self.closed_after_stuck = True
+
+    def spec(self) -> ServiceSpec:
+        async def setup(server: grpc.aio.Server, runtime: Runtime) -> None:
+            runtime.on_close(self.last_closer)  # registered first, so it runs last
+            runtime.on_close(self.stuck_closer)
+            runtime.on_stopping(self.stuck_hook)
+
+        return ServiceSpec(
+            name="probe", default_port=0, service_names=[], setup=setup, uses_database=False, uses_redis=False
+        )
+
+
+class TestStuckShutdownSteps:
+    async def test_a_step_that_never_ends_is_cancelled_and_the_steps_after_it_still_run(
+        self, jwt_secret: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(server_module, "SHUTDOWN_STEP_S", 0.2)
+        steps = StuckSteps()
+        running = await start_server(steps.spec(), probe_settings(jwt_secret))
+        await asyncio.wait_for(running.stop(), 5 + 3 * 0.2 + 2)  # grace + the bounded steps + slack
+        assert steps.cancelled == ["hook", "closer"]
+        assert steps.closed_after_stuck
