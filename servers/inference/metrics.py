@@ -54,3 +54,9 @@ JOBS_ENDED = Counter("far_inference_jobs_total", "Jobs that ended, by model and 
 NODE_FAILOVERS = Counter(
     "far_inference_node_failovers_total", "Nodes that failed a job before its first token (it moved on).", ["model"]
 )
+SLOW_ACCEPTS = Counter(
+    "far_inference_slow_accepts_total",
+    "Generate jobs started at once whose node took longer than the open job transaction may wait to accept the"
+    " prompt (the job was written after the node's reply instead of beside it).",
+    ["model"],
+)

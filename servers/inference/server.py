@@ -33,7 +33,7 @@ from servers.inference.nodes import NodeDirectory, NodeInfo, NodeSource, static_
 from servers.inference.prices import Prices
 from servers.inference.quotes import Quotes
 from servers.inference.runner import Runner
-from servers.inference.servicer import InferenceServicer, Parts
+from servers.inference.servicer import ACCEPT_IN_TRANSACTION_S, DISCONNECT_GRACE_S, InferenceServicer, Parts
 from servers.inference.sweeper import JobHeartbeats, StaleJobSweeper
 from servers.inference.token_stream import TokenStreams
 
@@ -185,7 +185,8 @@ async def _setup(server: grpc.aio.Server, runtime: Runtime, environ: Mapping[str
         runner=runner,
         page_tokens=runtime.page_tokens,
         chain=chain,
-        disconnect_grace_s=env.number("INFERENCE_DISCONNECT_GRACE_S", 30.0, minimum=0.0),
+        disconnect_grace_s=env.number("INFERENCE_DISCONNECT_GRACE_S", DISCONNECT_GRACE_S, minimum=0.0),
+        accept_in_transaction_s=env.number("INFERENCE_ACCEPT_IN_TRANSACTION_S", ACCEPT_IN_TRANSACTION_S, minimum=0.0),
     )
     servicer = InferenceServicer(parts)
     runtime.on_close(servicer.close)

@@ -22,7 +22,7 @@ from servers.common.errors import FailedPrecondition, InvalidArgument, NotFound,
 from servers.common.names import parse_name
 from servers.common.pagination import PageTokens, page_size
 from servers.common.validation import normalize_wallet
-from servers.inference import convert, jobs, repository, streams
+from servers.inference import convert, jobs, metrics, repository, streams
 from servers.inference.admission import Admission, Ticket
 from servers.inference.catalog import Catalog, ModelSpec
 from servers.inference.executor import error_status
@@ -39,6 +39,7 @@ from servers.inference.triton_stream import Piece
 Context = grpc.aio.ServicerContext[Any, Any]
 JOB_PATTERN = "jobs/{job}"
 DISCONNECT_GRACE_S = 30.0
+ACCEPT_IN_TRANSACTION_S = 0.25
 _PRIVILEGED = (Role.ADMIN, Role.OPERATOR)
 
 
@@ -58,6 +59,8 @@ class Parts:
     chain: Chain | None
     disconnect_grace_s: float = DISCONNECT_GRACE_S
     """How long a Generate job whose caller went away runs on without a follower before it is cancelled."""
+    accept_in_transaction_s: float = ACCEPT_IN_TRANSACTION_S
+    """How long a started Generate job's uncommitted insert waits for the model to take the prompt."""
 
 
 def _visible(principal: Principal, owner: str) -> bool:
@@ -171,6 +174,53 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             await self._p.admission.withdraw(ticket, principal.subject)
         return message, created, row
 
+    async def _create_started(
+        self,
+        principal: Principal,
+        spec: JobSpec,
+        paid: jobs.Paid | None,
+        model: ModelSpec,
+        job_id: str,
+        accepted: asyncio.Future[int],
+    ) -> tuple[job_pb2.Job, bool, JobRow]:
+        """The fast path's job, inserted RUNNING (one transaction and one job event fewer than QUEUED, then
+        started) while the model tokenizes the prompt, and committed once it took it.
+
+        The insert (and the payment it consumes) waits uncommitted for the model's word: a prompt longer than
+        what was paid for rolls it back, so the payment stays unused, and the job message follows the model's
+        reply by an admission and a COMMIT instead of the whole transaction. The open transaction holds a
+        database connection, so it waits at most `accept_in_transaction_s`; past that it rolls back, waits for
+        the model outside, and writes the job afterwards.
+        """
+        ticket: Ticket | None = None
+        try:
+            async with self._p.database.transaction() as uow:
+                row, created = await jobs.create(
+                    uow, principal, spec, paid, streamed=True, job_id=job_id, started_on=self._p.runner.node_for(model)
+                )
+                if not created:  # a concurrent retry with the same request id made it: nothing was written
+                    return convert.job(row), False, row
+                try:
+                    await asyncio.wait_for(asyncio.shield(accepted), self._p.accept_in_transaction_s)
+                except TimeoutError:
+                    raise _SlowAccept from None
+                ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject, queued=False)
+                message = convert.job(row)
+                message.queue_position = ticket.position
+                uow.publish(jobs.JOBS_TOPIC, convert.job(row, with_output=False))
+        except _SlowAccept:
+            metrics.SLOW_ACCEPTS.labels(model.id).inc()
+            await accepted
+            ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject, queued=False)
+            return await self._create(
+                principal, spec, paid, ticket, streamed=True, started_on=self._p.runner.node_for(model)
+            )
+        except BaseException:
+            if ticket is not None:  # the commit failed after the admission
+                await self._p.admission.withdraw(ticket, principal.subject)
+            raise
+        return message, True, row
+
     async def _start_here(self, model: ModelSpec) -> bool:
         """Whether a job of `model` may start on this replica now (a slot taken for it): a free slot and
         nobody waiting in the model's queue (waiting jobs go first)."""
@@ -261,14 +311,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 if waiting > 0:
                     raise _Behind()  # waiting jobs go first: the started generation is dropped, this call queues
                 paid = await jobs.pay(self._p.chain, principal.subject, spec, quote)
-                # The model has tokenized the prompt by now (or does so within ms): a prompt longer than what
-                # was paid for ends the call here, before the payment is consumed.
-                await accepted
-                ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject, queued=False)
-                # Inserted RUNNING: one transaction and one job event fewer than QUEUED, then started.
-                message, created, row = await self._create(
-                    principal, spec, paid, ticket, streamed=True, started_on=self._p.runner.node_for(model)
-                )
+                message, created, row = await self._create_started(principal, spec, paid, model, job_id, accepted)
                 if not created:
                     raise _Duplicate(message)
             except _Behind as behind:  # the runner gives the slot back when it sees the gate
@@ -493,6 +536,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
 class _Behind(Exception):
     """Jobs wait in the model's queue: a call that found a free slot queues behind them all the same."""
+
+
+class _SlowAccept(Exception):
+    """The model had not taken the prompt within the time a job's open transaction may wait for it."""
 
 
 class _Duplicate(Exception):

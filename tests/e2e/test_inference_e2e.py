@@ -283,6 +283,25 @@ def test_a_paid_job_with_too_long_a_prompt_is_refused_and_its_payment_kept(
     assert accepted.json()["payment"]["transaction"]["txHash"] == body["payment"]["transaction"]["txHash"]
 
 
+def test_a_paid_generate_with_too_long_a_prompt_is_refused_and_its_payment_kept(
+    stack: Stack, customers: list[Customer]
+) -> None:
+    """Generate starts the model at once and writes the job (consuming the payment) while the node tokenizes the
+    prompt; the node's refusal rolls that write back, so the same payment then pays a stream that fits."""
+    customer = customers[1]
+    body = customer.paid_body(max_tokens=4, prompt="word " * 80)
+    refused = httpx.post(generate_url(stack), json=body, headers=customer.headers, timeout=60)
+    assert refused.status_code == 400, refused.text
+    info = next(d for d in refused.json()["details"] if d["@type"].endswith("ErrorInfo"))
+    assert info["reason"] == "PROMPT_TOO_LONG"
+    body["chat"]["messages"][0]["content"] = "Tell me about cats."
+    served = httpx.post(generate_url(stack), json=body, headers=customer.headers, timeout=60)
+    assert served.status_code == 200, served.text  # the payment was not consumed by the refused call
+    messages = served.json()
+    check_stream(messages)
+    assert messages[0]["job"]["payment"]["transaction"]["txHash"] == body["payment"]["transaction"]["txHash"]
+
+
 def _generate_until(stack: Stack, customer: Customer, body: dict[str, Any], *, deltas: int) -> list[dict[str, Any]]:
     """Generate as NDJSON through Envoy, dropping the connection once `deltas` deltas came; the messages seen."""
     seen: list[dict[str, Any]] = []

@@ -500,3 +500,53 @@ async def test_a_prompt_longer_than_allowed_is_refused_before_anything_runs(
     assert rich_error(caught.value).reason == "PROMPT_TOO_LONG"
     assert fine[-1].final.state == job_pb2.Job.STATE_SUCCEEDED
     assert [job.name for job in listed.jobs] == [fine[0].job.name]  # the refused call left no job
+
+
+async def test_a_node_slow_to_take_the_prompt_gets_the_job_written_after_it_replies(
+    triton: TritonProcess, service_env: dict[str, str], tmp_path: Path, caller: Callable[[str], Metadata]
+) -> None:
+    """A started Generate's job waits uncommitted while the node tokenizes the prompt, but only so long: a node
+    that has no free slot answers late, so the insert is rolled back and written after the node's reply. The
+    job then runs as usual, and a prompt too long for it still leaves no job."""
+    environ = {
+        **server_environ(triton, service_env, tmp_path / "models.json"),
+        "INFERENCE_SLOTS_PER_MODEL": "6",  # more than Triton's 4: the service starts calls Triton must hold
+        "INFERENCE_MAX_QUEUE": "4",
+        "INFERENCE_ACCEPT_IN_TRANSACTION_S": "0.1",
+    }
+    replica = await start_server(make_spec(environ), Settings.from_env("inference", 0, environ=environ))
+    labels = {"model": CHAT_MODEL}
+    owner = wallet()
+    blockers = [wallet() for _ in range(4)]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+            stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+            busy = [stub.Generate(story(max_tokens=48), metadata=caller(who)) for who in blockers]
+            heads = [[r async for r in _take(call, 2)] for call in busy]  # each holds one of Triton's 4 slots
+            assert all(head[1].HasField("delta") for head in heads)
+            slow_before = REGISTRY.get_sample_value("far_inference_slow_accepts_total", labels) or 0
+
+            async def refused() -> grpc.aio.AioRpcError:
+                long = pb.GenerateRequest(model=MODEL, prompt="word " * 1900, max_tokens=200)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    _ = [r async for r in stub.Generate(long, metadata=caller(owner))]
+                return caught.value
+
+            async def fits() -> list[pb.GenerateResponse]:
+                return [r async for r in stub.Generate(story(max_tokens=4), metadata=caller(owner))]
+
+            error, served = await asyncio.gather(refused(), fits())
+            slow_after = REGISTRY.get_sample_value("far_inference_slow_accepts_total", labels) or 0
+            listed = await stub.ListJobs(pb.ListJobsRequest(), metadata=caller(owner))
+            rests = [[r async for r in call] for call in busy]
+    finally:
+        await replica.stop()
+    assert slow_after - slow_before == 2  # both waited past the bound for a slot on the node
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rich_error(error).reason == "PROMPT_TOO_LONG"
+    assert served[0].job.state == job_pb2.Job.STATE_RUNNING
+    assert served[-1].final.state == job_pb2.Job.STATE_SUCCEEDED
+    assert served[-1].final.usage.completion_tokens == 4
+    check_contiguous(served)
+    assert [job.name for job in listed.jobs] == [served[0].job.name]  # the refused call left no job
+    assert all(rest[-1].final.state == job_pb2.Job.STATE_SUCCEEDED for rest in rests)
