@@ -184,13 +184,14 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         accepted: asyncio.Future[int],
     ) -> tuple[job_pb2.Job, bool, JobRow]:
         """The fast path's job, inserted RUNNING (one transaction and one job event fewer than QUEUED, then
-        started) while the model tokenizes the prompt, and committed once it took it.
+        started) while the node tokenizes the prompt, and committed once the node accepted it.
 
-        The insert (and the payment it consumes) waits uncommitted for the model's word: a prompt longer than
-        what was paid for rolls it back, so the payment stays unused, and the job message follows the model's
-        reply by an admission and a COMMIT instead of the whole transaction. The open transaction holds a
-        database connection, so it waits at most `accept_in_transaction_s`; past that it rolls back, waits for
-        the model outside, and writes the job afterwards.
+        The insert (and the payment it consumes) waits uncommitted for the node's word: a prompt longer than
+        what was paid for rolls it back, so the payment stays unused, and the job message follows the node's
+        reply by an admission and a COMMIT instead of the whole transaction. The node answers within
+        milliseconds (before its request waits for a slot), but one on a slow link or one that fails before it
+        answers can take longer, and the open transaction holds a database connection: it waits at most
+        `accept_in_transaction_s`, then rolls back, waits for the node outside, and writes the job afterwards.
         """
         ticket: Ticket | None = None
         try:

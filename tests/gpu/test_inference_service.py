@@ -29,6 +29,7 @@ from servers.common.events import EventBus
 from servers.common.server import RunningServer, start_server
 from servers.inference.admission import Admission
 from servers.inference.server import make_spec
+from tests.gpu.triton_support import metric, wait_idle
 from tests.integration.rich_errors import rich_error
 
 MODEL = f"models/{CHAT_MODEL}"
@@ -502,51 +503,150 @@ async def test_a_prompt_longer_than_allowed_is_refused_before_anything_runs(
     assert [job.name for job in listed.jobs] == [fine[0].job.name]  # the refused call left no job
 
 
-async def test_a_node_slow_to_take_the_prompt_gets_the_job_written_after_it_replies(
+async def test_a_call_waiting_for_a_node_slot_has_its_job_at_once(
     triton: TritonProcess, service_env: dict[str, str], tmp_path: Path, caller: Callable[[str], Metadata]
 ) -> None:
-    """A started Generate's job waits uncommitted while the node tokenizes the prompt, but only so long: a node
-    that has no free slot answers late, so the insert is rolled back and written after the node's reply. The
-    job then runs as usual, and a prompt too long for it still leaves no job."""
+    """The node accepts (or refuses) a prompt before the request waits for one of its slots: a call that the
+    service starts while the node's slots are all busy gets its job (committed) at once, not when a slot
+    frees, and a prompt too long for it is refused at once."""
     environ = {
         **server_environ(triton, service_env, tmp_path / "models.json"),
         "INFERENCE_SLOTS_PER_MODEL": "6",  # more than Triton's 4: the service starts calls Triton must hold
-        "INFERENCE_MAX_QUEUE": "4",
-        "INFERENCE_ACCEPT_IN_TRANSACTION_S": "0.1",
     }
     replica = await start_server(make_spec(environ), Settings.from_env("inference", 0, environ=environ))
-    labels = {"model": CHAT_MODEL}
     owner = wallet()
-    blockers = [wallet() for _ in range(4)]
+    slots = int(metric(triton.metrics_url, "far_llm_slots"))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
             stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
-            busy = [stub.Generate(story(max_tokens=48), metadata=caller(who)) for who in blockers]
-            heads = [[r async for r in _take(call, 2)] for call in busy]  # each holds one of Triton's 4 slots
-            assert all(head[1].HasField("delta") for head in heads)
-            slow_before = REGISTRY.get_sample_value("far_inference_slow_accepts_total", labels) or 0
-
-            async def refused() -> grpc.aio.AioRpcError:
-                long = pb.GenerateRequest(model=MODEL, prompt="word " * 1900, max_tokens=200)
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    _ = [r async for r in stub.Generate(long, metadata=caller(owner))]
-                return caught.value
-
-            async def fits() -> list[pb.GenerateResponse]:
-                return [r async for r in stub.Generate(story(max_tokens=4), metadata=caller(owner))]
-
-            error, served = await asyncio.gather(refused(), fits())
-            slow_after = REGISTRY.get_sample_value("far_inference_slow_accepts_total", labels) or 0
+            busy = [stub.Generate(story(max_tokens=48), metadata=caller(wallet())) for _ in range(slots)]
+            for call in busy:  # each holds one of Triton's slots
+                assert [r async for r in _take(call, 2)][1].HasField("delta")
+            finished_before = _finished_on_node(triton)
+            waiting = stub.Generate(story(max_tokens=4), metadata=caller(owner))
+            (head,) = [r async for r in _take(waiting, 1)]
+            job = await stub.GetJob(pb.GetJobRequest(name=head.job.name), metadata=caller(owner))
+            long = pb.GenerateRequest(model=MODEL, prompt="word " * 1900, max_tokens=200)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                _ = [r async for r in stub.Generate(long, metadata=caller(owner))]
+            finished_between = _finished_on_node(triton) - finished_before
+            rest = [r async for r in waiting]
             listed = await stub.ListJobs(pb.ListJobsRequest(), metadata=caller(owner))
-            rests = [[r async for r in call] for call in busy]
+            for call in busy:
+                call.cancel()
     finally:
         await replica.stop()
-    assert slow_after - slow_before == 2  # both waited past the bound for a slot on the node
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert rich_error(error).reason == "PROMPT_TOO_LONG"
+        wait_idle(triton.metrics_url)
+    assert job.state == job_pb2.Job.STATE_RUNNING  # committed while the node's slots were all still busy
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rich_error(refused.value).reason == "PROMPT_TOO_LONG"
+    assert finished_between == 0  # both answers came before any of the node's requests ended (and freed a slot)
+    assert rest[-1].final.state == job_pb2.Job.STATE_SUCCEEDED
+    assert rest[-1].final.usage.completion_tokens == 4
+    assert [j.name for j in listed.jobs] == [head.job.name]  # the refused call left no job
+
+
+def _finished_on_node(triton: TritonProcess) -> float:
+    """Requests the model has finished, whatever their finish reason."""
+    reasons = ("stop", "length", "cancelled", "error")
+    return sum(metric(triton.metrics_url, "far_llm_requests_finished_total", finish_reason=r) for r in reasons)
+
+
+class SlowLink:
+    """A TCP relay to `upstream` that delivers every byte coming back `delay_s` late: a node on a slow link."""
+
+    def __init__(self, upstream: str, delay_s: float) -> None:
+        self._host, _, port = upstream.rpartition(":")
+        self._port = int(port)
+        self._delay_s = delay_s
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.address = ""
+
+    async def __aenter__(self) -> SlowLink:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
+        late: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def forward() -> None:
+            while chunk := await reader.read(65536):
+                up_writer.write(chunk)
+                await up_writer.drain()
+
+        async def receive() -> None:
+            while chunk := await up_reader.read(65536):
+                late.put_nowait((time.monotonic() + self._delay_s, chunk))
+            late.put_nowait((time.monotonic() + self._delay_s, b""))
+
+        async def deliver() -> None:
+            while True:
+                due, chunk = await late.get()
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                if not chunk:
+                    return
+                writer.write(chunk)
+                await writer.drain()
+
+        try:
+            pumps = [asyncio.create_task(pump()) for pump in (forward, receive, deliver)]
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for side in (writer, up_writer):
+                side.close()
+            self._tasks.discard(task)
+
+
+async def test_a_node_slow_to_accept_the_prompt_gets_the_job_written_after_it_replies(
+    triton: TritonProcess, service_env: dict[str, str], tmp_path: Path, caller: Callable[[str], Metadata]
+) -> None:
+    """A started Generate's job waits uncommitted while the node checks the prompt, but only so long: past
+    INFERENCE_ACCEPT_IN_TRANSACTION_S the insert is rolled back and written after the node's answer. The job
+    then runs as usual, and a prompt too long for it still leaves no job."""
+    labels = {"model": CHAT_MODEL}
+    owner = wallet()
+    async with SlowLink(triton.grpc_url, delay_s=0.4) as link:
+        environ = {
+            **server_environ(triton, service_env, tmp_path / "models.json"),
+            "INFERENCE_STATIC_NODES": f"{CHAT_MODEL}=far-away@{link.address}",
+            "INFERENCE_ACCEPT_IN_TRANSACTION_S": "0.1",
+        }
+        replica = await start_server(make_spec(environ), Settings.from_env("inference", 0, environ=environ))
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+                stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+                slow_before = REGISTRY.get_sample_value("far_inference_slow_accepts_total", labels) or 0
+                served = [r async for r in stub.Generate(story(max_tokens=4), metadata=caller(owner))]
+                long = pb.GenerateRequest(model=MODEL, prompt="word " * 1900, max_tokens=200)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    _ = [r async for r in stub.Generate(long, metadata=caller(owner))]
+                slow_after = REGISTRY.get_sample_value("far_inference_slow_accepts_total", labels) or 0
+                listed = await stub.ListJobs(pb.ListJobsRequest(), metadata=caller(owner))
+        finally:
+            await replica.stop()
+    assert slow_after - slow_before == 2  # both answers came back past the bound
     assert served[0].job.state == job_pb2.Job.STATE_RUNNING
+    assert served[0].job.node == "nodes/far-away"
     assert served[-1].final.state == job_pb2.Job.STATE_SUCCEEDED
     assert served[-1].final.usage.completion_tokens == 4
     check_contiguous(served)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rich_error(refused.value).reason == "PROMPT_TOO_LONG"
     assert [job.name for job in listed.jobs] == [served[0].job.name]  # the refused call left no job
-    assert all(rest[-1].final.state == job_pb2.Job.STATE_SUCCEEDED for rest in rests)

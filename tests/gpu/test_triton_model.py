@@ -279,6 +279,35 @@ class TestPromptLimit:
         assert last.prompt_tokens == accepted.prompt_tokens
         assert last.completion_tokens == 4
 
+    async def test_the_prompt_is_accepted_or_refused_while_every_slot_is_busy(self, triton: TritonProcess) -> None:
+        """The prompt is tokenized before the request waits for a slot: the platform can record the job (or
+        refuse the call) while the request still waits behind busy slots."""
+        wait_idle(triton.metrics_url)
+        slots = int(metric(triton.metrics_url, "far_llm_slots"))
+        client = triton_aio.InferenceServerClient(triton.grpc_url)
+        busy = [Stream(client, chat_inputs(prompt=COUNTING, max_tokens=1500, temperature=0)) for _ in range(slots)]
+        waiting: Stream | None = None
+        try:
+            for responses in [aiter(stream) for stream in busy]:  # every slot is generating
+                await anext(responses)
+            waiting = Stream(client, chat_inputs(prompt=COUNTING, max_tokens=4, temperature=0, max_prompt_tokens=64))
+            accepted = await anext(aiter(waiting))
+            waiters = metric(triton.metrics_url, "far_llm_requests_waiting")
+            refused = await generate(triton.grpc_url, prompt=COUNTING, max_tokens=4, max_prompt_tokens=3)
+            still_busy = metric(triton.metrics_url, "far_llm_slots_busy")
+        finally:
+            for stream in [*busy, *([waiting] if waiting is not None else [])]:
+                stream.cancel()
+            await client.close()
+            wait_idle(triton.metrics_url)
+
+        assert (accepted.text, accepted.completion_tokens, accepted.final, accepted.error) == ("", 0, False, "")
+        assert accepted.prompt_tokens > 0
+        assert waiters == 1  # accepted, and still waiting for a slot
+        assert len(refused) == 1
+        assert "PROMPT_TOO_LONG" in refused[0].error
+        assert still_busy == slots  # answered while all the slots were still generating
+
     async def test_a_longer_prompt_is_refused_before_generating(self, triton: TritonProcess) -> None:
         wait_idle(triton.metrics_url)
         before = metric(triton.metrics_url, "far_llm_completion_tokens_total")

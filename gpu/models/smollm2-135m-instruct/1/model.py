@@ -23,7 +23,6 @@ from generation import (
     Slots,
     Tokenizer,
     model_file,
-    prompt_tokens,
     stream,
 )
 
@@ -114,30 +113,34 @@ class TritonPythonModel:
                 return "error"
             return "cancelled" if sender.is_cancelled() else ""
 
+        # The prompt is tokenized on the shared vocabulary before a slot is taken: a bad or over-long one is
+        # refused at once, and one within what the caller paid for is accepted at once, even while every slot
+        # is busy, so the platform records the job while this request waits for a slot and does its prefill.
+        try:
+            tokens = self.tokenizer.prompt_tokens(completion, self.settings.context)
+        except (BadRequest, PromptTooLong) as exc:
+            sender.send(_error(str(exc)), flags=FINAL)
+            return
+        accepting: threading.Thread | None = None
+        if completion.max_prompt_tokens is not None:
+            # Sending costs ~20 ms on this stub, so it goes from a thread of its own; every later response
+            # waits for it (responses stay in order, and never two sends at once on one request).
+            accepted = _response(Piece("", "", len(tokens), 0))
+            accepting = threading.Thread(target=sender.send, args=(accepted,), name="accept", daemon=True)
+            accepting.start()
         self._count_waiting(+1)
         try:
             llama = self.slots.acquire(give_up=lambda: bool(stopped()))
         finally:
             self._count_waiting(-1)
         if llama is None:
+            if accepting is not None:
+                accepting.join()
             self._finish(sender, Piece("", stopped() or "cancelled", 0, 0))
             return
         self._count_busy()
         last = Piece("", "error", 0, 0)
-        accepting: threading.Thread | None = None
         try:
-            try:
-                tokens = prompt_tokens(llama, completion, self.tokenizer.chat_format, self.settings.context)
-            except (BadRequest, PromptTooLong) as exc:
-                sender.send(_error(str(exc)), flags=FINAL)
-                return
-            if completion.max_prompt_tokens is not None:
-                # The prompt is within what the caller paid for: say so (and how long it is) while the prefill
-                # runs, so the platform records the job meanwhile. Sending costs ~20 ms on this stub, so it
-                # goes from a thread of its own; the first piece waits for it (responses stay in order).
-                accepted = _response(Piece("", "", len(tokens), 0))
-                accepting = threading.Thread(target=sender.send, args=(accepted,), name="accept", daemon=True)
-                accepting.start()
             for piece in stream(llama, completion, tokens, self.settings.context, stopped):
                 if accepting is not None:
                     accepting.join()
