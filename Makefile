@@ -10,7 +10,7 @@ BUF := node_modules/.bin/buf
 PYTEST_ARGS ?=
 # grpcio 1.81+ with fork support on (grpc/grpc#43055): a child that subprocess forks for a process we start
 # restarts gRPC's poller before it execs and can abort on EBADF (1 in 6 starts in a repro with live channels).
-# Nothing here forks without exec, so every process we run has it off (tests/conftest.py sets it too).
+# Nothing here forks without exec, so every process we run has it off (devstack/__init__.py sets it too).
 export GRPC_ENABLE_FORK_SUPPORT ?= false
 # Installed without their declared dependencies (see pyproject.toml): tritonclient and nvidia-pytriton pin
 # protobuf<7; we need only tritonclient's client code, the tritonserver binary and the GGUF model file.

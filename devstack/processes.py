@@ -77,7 +77,7 @@ class ManagedProcess:
         # The PDEATHSIG tie is to the starting *thread*: only take it from the main thread, which
         # lives as long as the process does. A preexec_fn makes subprocess fork rather than vfork, so
         # gRPC's fork handlers run in the child: the starting process needs GRPC_ENABLE_FORK_SUPPORT=false
-        # (the Makefile and tests/conftest.py set it) or the child may abort before exec (grpc/grpc#43055).
+        # (devstack/__init__.py sets it) or the child may abort before exec (grpc/grpc#43055).
         on_linux_main_thread = sys.platform == "linux" and threading.current_thread() is threading.main_thread()
         with self.log_path.open("wb") as log:
             self._popen = subprocess.Popen(

@@ -6,15 +6,11 @@ server and uses a unique key prefix; unset, it starts the embedded PostgreSQL / 
 
 from __future__ import annotations
 
-import os
+import devstack  # noqa: F401  (first: it turns gRPC's fork support off before anything imports grpc)
 
-# Before anything imports grpc (it reads this once, at import): with fork support on, grpcio 1.81+ restarts
-# its poller in the child that subprocess forks for a process the tests start (devstack's helper passes a
-# preexec_fn, so it forks rather than vforks), and that child can abort on EBADF before it execs
-# (grpc/grpc#43055). Nothing here forks without exec. The Makefile sets the same.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-
+# isort: split
 import asyncio
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
