@@ -122,14 +122,14 @@ class TritonPythonModel:
             sender.send(_error(str(exc)), flags=FINAL)
             return
         accepting: threading.Thread | None = None
-        if completion.max_prompt_tokens is not None:
-            # Sending costs ~20 ms on this stub, so it goes from a thread of its own; every later response
-            # waits for it (responses stay in order, and never two sends at once on one request).
-            accepted = _response(Piece("", "", len(tokens), 0))
-            accepting = threading.Thread(target=sender.send, args=(accepted,), name="accept", daemon=True)
-            accepting.start()
-        self._count_waiting(+1)
+        self._count_waiting(+1)  # before the accepted response: a caller that has it sees this request wait
         try:
+            if completion.max_prompt_tokens is not None:
+                # Sending costs ~20 ms on this stub, so it goes from a thread of its own; every later response
+                # waits for it (responses stay in order, and never two sends at once on one request).
+                accepted = _response(Piece("", "", len(tokens), 0))
+                accepting = threading.Thread(target=sender.send, args=(accepted,), name="accept", daemon=True)
+                accepting.start()
             llama = self.slots.acquire(give_up=lambda: bool(stopped()))
         finally:
             self._count_waiting(-1)
