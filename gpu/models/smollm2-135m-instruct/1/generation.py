@@ -228,6 +228,13 @@ class Slots:
         for llama in self._all:
             self._free.put(llama)
 
+    def try_acquire(self) -> Llama | None:
+        """A free slot now, or None when every slot is busy."""
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            return None
+
     def acquire(self, give_up: Callable[[], bool], poll_s: float = 0.05) -> Llama | None:
         """A free slot, or None once `give_up()` says the request no longer wants one."""
         while not give_up():

@@ -121,26 +121,31 @@ class TritonPythonModel:
         except (BadRequest, PromptTooLong) as exc:
             sender.send(_error(str(exc)), flags=FINAL)
             return
+        accept = completion.max_prompt_tokens is not None
         accepting: threading.Thread | None = None
-        self._count_waiting(+1)  # before the accepted response: a caller that has it sees this request wait
-        try:
-            if completion.max_prompt_tokens is not None:
-                # Sending costs ~20 ms on this stub, so it goes from a thread of its own; every later response
-                # waits for it (responses stay in order, and never two sends at once on one request).
-                accepted = _response(Piece("", "", len(tokens), 0))
-                accepting = threading.Thread(target=sender.send, args=(accepted,), name="accept", daemon=True)
-                accepting.start()
-            llama = self.slots.acquire(give_up=lambda: bool(stopped()))
-        finally:
-            self._count_waiting(-1)
-        if llama is None:
-            if accepting is not None:
-                accepting.join()
-            self._finish(sender, Piece("", stopped() or "cancelled", 0, 0))
-            return
+        llama = self.slots.try_acquire()
+        if llama is None:  # every slot is busy: accept now (the send's time is waiting time), then wait
+            self._count_waiting(+1)  # first: a caller that has the accepted response sees this request wait
+            try:
+                if accept:
+                    _send_quietly(sender, _response(Piece("", "", len(tokens), 0)), flags=0)
+                llama = self.slots.acquire(give_up=lambda: bool(stopped()))
+            finally:
+                self._count_waiting(-1)
+            if llama is None:
+                self._finish(sender, Piece("", stopped() or "cancelled", 0, 0))
+                return
+            accept = False
         self._count_busy()
         last = Piece("", "error", 0, 0)
         try:
+            if accept:
+                # A free slot: the accepted response goes out while the prefill runs. Sending costs ~20 ms on
+                # this stub, so it goes from a thread of its own; the first piece waits for it (responses stay
+                # in order, and never two sends at once on one request).
+                accepted = _response(Piece("", "", len(tokens), 0))
+                accepting = threading.Thread(target=sender.send, args=(accepted,), name="accept", daemon=True)
+                accepting.start()
             for piece in stream(llama, completion, tokens, self.settings.context, stopped):
                 if accepting is not None:
                     accepting.join()
@@ -165,11 +170,12 @@ class TritonPythonModel:
             self._count_busy()
 
     def _finish(self, sender: Any, piece: Piece) -> None:
-        """The last response (final flag) and the counters that describe the finished request."""
-        _send_quietly(sender, _response(piece), flags=FINAL)
+        """The counters that describe the finished request, then its last response (final flag): a client
+        that has the last response sees them counted."""
         self.metrics.finished[piece.finish_reason].increment(1)
         self.metrics.prompt_tokens.increment(piece.prompt_tokens)
         self.metrics.completion_tokens.increment(piece.completion_tokens)
+        _send_quietly(sender, _response(piece), flags=FINAL)
 
     def _count_waiting(self, delta: int) -> None:
         with self.lock:
