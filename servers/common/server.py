@@ -44,13 +44,37 @@ SHUTDOWN_STEP_S = 10.0
 shutdown goes on (`server.stop` gets its grace plus this)."""
 
 
+CANCEL_WAIT_S = 1.0
+"""How long an overrun shutdown step is given to end once cancelled before the shutdown goes on without it."""
+
+
+async def _bounded(work: Awaitable[object], limit_s: float) -> bool:
+    """Await `work` for at most `limit_s` (its error is raised); False when it overran. An overrun is cancelled
+    and given CANCEL_WAIT_S to end, then left behind: unlike `asyncio.wait_for`, which waits for the cancelled
+    work however long it takes, a step that does not end on its cancel cannot hold the shutdown."""
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=limit_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task in done:
+        task.result()
+        return True
+    task.cancel()
+    task.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # nothing left unretrieved
+    await asyncio.wait({task}, timeout=CANCEL_WAIT_S)
+    return False
+
+
 async def _shutdown_step(kind: str, step: Callable[[], Awaitable[object]]) -> None:
     """Run one shutdown step within SHUTDOWN_STEP_S; an overrun or an error is logged, never raised."""
     name = getattr(step, "__qualname__", repr(step))
     try:
-        await asyncio.wait_for(step(), SHUTDOWN_STEP_S)
-    except TimeoutError:
-        log.warning("a shutdown step did not finish in time; cancelled", kind=kind, step=name, limit_s=SHUTDOWN_STEP_S)
+        if not await _bounded(step(), SHUTDOWN_STEP_S):
+            log.warning(
+                "a shutdown step did not finish in time; cancelled", kind=kind, step=name, limit_s=SHUTDOWN_STEP_S
+            )
     except Exception:
         log.exception("error in a shutdown step", kind=kind, step=name)
 
@@ -165,7 +189,7 @@ class RunningServer:
         settings = self.runtime.settings
         log.info("draining", service=settings.service_name, grace_s=settings.shutdown_grace_s)
         try:
-            await self.health.enter_graceful_shutdown()
+            await _shutdown_step("health", self.health.enter_graceful_shutdown)
             await asyncio.sleep(settings.drain_delay_s)
             await self.runtime.stopping()
             await _stop_grpc(self.server, settings.shutdown_grace_s)
@@ -176,9 +200,7 @@ class RunningServer:
 
 async def _stop_grpc(server: grpc.aio.Server, grace_s: float) -> None:
     """`server.stop(grace)`, bounded: a stop that outlives its grace by SHUTDOWN_STEP_S is given up on."""
-    try:
-        await asyncio.wait_for(server.stop(grace_s), grace_s + SHUTDOWN_STEP_S)
-    except TimeoutError:
+    if not await _bounded(server.stop(grace_s), grace_s + SHUTDOWN_STEP_S):
         log.warning("the gRPC server did not stop in time; closing anyway", limit_s=grace_s + SHUTDOWN_STEP_S)
 
 

@@ -7,6 +7,7 @@ until it has, so the caller gets a last message and status OK instead of a cance
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -157,3 +158,27 @@ class TestStuckShutdownSteps:
         await asyncio.wait_for(running.stop(), 5 + 3 * 0.2 + 2)  # grace + the bounded steps + slack
         assert steps.cancelled == ["hook", "closer"]
         assert steps.closed_after_stuck
+
+    async def test_a_step_that_ignores_its_cancel_is_left_behind(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """`asyncio.wait_for` would wait for it forever; the shutdown goes on after CANCEL_WAIT_S."""
+        monkeypatch.setattr(server_module, "CANCEL_WAIT_S", 0.1)
+        release = asyncio.Event()
+        cancels = 0
+
+        async def stubborn() -> None:
+            nonlocal cancels
+            while True:
+                try:
+                    await release.wait()
+                    return
+                except asyncio.CancelledError:
+                    cancels += 1
+
+        started = time.monotonic()
+        finished = await server_module._bounded(stubborn(), 0.1)
+        elapsed = time.monotonic() - started
+        release.set()  # let it end, so that nothing outlives the test
+        await asyncio.sleep(0)
+        assert finished is False
+        assert cancels == 1
+        assert elapsed < 1.0
