@@ -60,6 +60,10 @@ class Outbox:
         self._relay_delay_s = relay_delay_s
         self._delete_batch = delete_batch
         self._delivered: list[int] = []  # rows published after their commit, not deleted yet
+        # Built once: most transactions stage one event, and a single-row insert skips the bookkeeping of
+        # SQLAlchemy's many-rows path (insertmanyvalues, the ordering of RETURNING) that a list of one costs.
+        self._insert = table.insert().returning(table.c.id)
+        self._insert_many = table.insert().returning(table.c.id, sort_by_parameter_order=True)
 
     def event_id(self, row_id: int) -> str:
         return f"{self._source}:{row_id}"
@@ -67,10 +71,11 @@ class Outbox:
     async def stage(self, session: AsyncSession, events: Sequence[tuple[str, Message]]) -> list[StagedEvent]:
         """Insert the events into the outbox inside the caller's transaction."""
         rows = [(topic, message.DESCRIPTOR.full_name, message.SerializeToString()) for topic, message in events]
-        result = await session.execute(
-            self.table.insert().returning(self.table.c.id, sort_by_parameter_order=True),
-            [{"topic": topic, "type": type_name, "data": data} for topic, type_name, data in rows],
-        )
+        values = [{"topic": topic, "type": type_name, "data": data} for topic, type_name, data in rows]
+        if len(values) == 1:
+            result = await session.execute(self._insert, values[0])
+        else:
+            result = await session.execute(self._insert_many, values)
         return [StagedEvent(row_id, *row) for row_id, row in zip(result.scalars(), rows, strict=True)]
 
     async def _publish(self, staged: Sequence[StagedEvent]) -> list[int]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from far.inference.v1 import job_pb2
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import Table, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -16,17 +16,30 @@ QUEUED, RUNNING = job_pb2.Job.STATE_QUEUED, job_pb2.Job.STATE_RUNNING
 UNFINISHED = (QUEUED, RUNNING)
 
 
+_JOBS = cast(Table, JobRow.__table__)
+_DEFAULTED = tuple(c for c in _JOBS.columns if c.default is not None or c.server_default is not None)
+_INSERT_JOB = (
+    insert(_JOBS)
+    .on_conflict_do_nothing(index_elements=["owner", "request_id"], index_where=_JOBS.c.request_id.is_not(None))
+    .returning(_JOBS.c.id, *_DEFAULTED)
+)
+"""Built once and run with the row's values as parameters. A new ORM statement with the values inline, per job,
+cost ~1 ms more of CPU: a bind and a cache-key part per column, the ORM's insert bookkeeping, and a second
+row object built from RETURNING."""
+
+
 async def insert_job(session: AsyncSession, row: JobRow) -> JobRow | None:
-    """Insert the job; None when the owner already has a job with its request id (the caller reads that one)."""
-    values = {c.key: getattr(row, c.key) for c in JobRow.__table__.columns}
-    values = {key: value for key, value in values.items() if value is not None}
-    statement = (
-        insert(JobRow)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["owner", "request_id"], index_where=JobRow.request_id.is_not(None))
-        .returning(JobRow)
-    )
-    return (await session.execute(statement)).scalar_one_or_none()
+    """Insert the job and return `row`, with what the database filled in for the columns it left unset; None
+    when the owner already has a job with its request id (the caller reads that one)."""
+    values = {c.key: getattr(row, c.key) for c in _JOBS.columns}
+    given = {key: value for key, value in values.items() if value is not None}
+    inserted = (await session.execute(_INSERT_JOB, given)).first()
+    if inserted is None:
+        return None
+    for column in _DEFAULTED:
+        if values[column.key] is None:
+            setattr(row, column.key, inserted._mapping[column.key])
+    return row
 
 
 async def get_job(session: AsyncSession, job_id: str, *, for_update: bool = False) -> JobRow | None:

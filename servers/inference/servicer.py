@@ -17,7 +17,7 @@ from google.rpc import code_pb2
 from servers.common.auth import Principal, Role
 from servers.common.chain import Chain
 from servers.common.context import call_started, current_principal
-from servers.common.db import Database
+from servers.common.db import Database, UnitOfWork
 from servers.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from servers.common.names import parse_name
 from servers.common.pagination import PageTokens, page_size
@@ -65,6 +65,15 @@ class Parts:
 
 def _visible(principal: Principal, owner: str) -> bool:
     return principal.subject == owner or principal.has_any_role(*_PRIVILEGED)
+
+
+def _recorded(uow: UnitOfWork, row: JobRow, ticket: Ticket) -> job_pb2.Job:
+    """A job just inserted in `uow`: its message, with its place in the queue, and its job event (published
+    once `uow` commits)."""
+    message = convert.job(row)
+    message.queue_position = ticket.position
+    uow.publish(jobs.JOBS_TOPIC, convert.job(row, with_output=False))
+    return message
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
@@ -163,10 +172,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 row, created = await jobs.create(
                     uow, principal, spec, paid, streamed=streamed, job_id=ticket.job, started_on=started_on
                 )
-                message = convert.job(row)
-                if created:
-                    message.queue_position = ticket.position
-                    uow.publish(jobs.JOBS_TOPIC, convert.job(row, with_output=False))
+                message = _recorded(uow, row, ticket) if created else convert.job(row)
         except BaseException:
             await self._p.admission.withdraw(ticket, principal.subject)
             raise
@@ -206,9 +212,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 except TimeoutError:
                     raise _SlowAccept from None
                 ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject, queued=False)
-                message = convert.job(row)
-                message.queue_position = ticket.position
-                uow.publish(jobs.JOBS_TOPIC, convert.job(row, with_output=False))
+                message = _recorded(uow, row, ticket)
         except _SlowAccept:
             metrics.SLOW_ACCEPTS.labels(model.id).inc()
             await accepted
