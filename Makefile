@@ -72,7 +72,7 @@ run: install ## Bring the whole platform up (embedded PostgreSQL/Redis when DATA
 	$(PY) -m devstack up
 
 bench: install ## Benchmarks; figures go to bench/RESULTS.md and bench/results/
-	$(PY) -m bench.edge && $(PY) -m bench.inference && $(PY) -m bench.cancel
+	$(PY) -m bench.edge && $(PY) -m bench.inference && $(PY) -m bench.cancel && $(PY) -m bench.bookkeeping
 
 clean: ## Remove the venv, node_modules and run state
 	rm -rf $(VENV) node_modules .run .pytest_cache .mypy_cache .ruff_cache

@@ -23,13 +23,11 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import secrets
 import shutil
 import statistics
 import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +36,7 @@ import grpc
 from far.gamed.v1 import build_pb2, game_pb2, gamed_service_pb2, gamed_service_pb2_grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from bench.provenance import machine
 from bench.results_file import write_section
 from bench.scratch import scratch
 from devstack.stack import Stack, run_migrations
@@ -197,34 +196,8 @@ def _h2load(url: str, concurrency: int, duration: float, warmup: float, work: Pa
 
 
 def _machine() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = "unknown"
-    try:
-        kib = int(Path("/proc/meminfo").read_text().split()[1])
-        memory = f"{kib / 1024 / 1024:.0f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
-    envoy = subprocess.run(
-        [str(Path(sys.executable).parent / "envoy"), "--version"], capture_output=True, text=True, check=False
-    ).stdout
-    envoy_version = re.search(r"/(\d+\.\d+\.\d+)/", envoy)
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "memory": memory,
-        "python": platform.python_version(),
-        "envoy": envoy_version.group(1) if envoy_version else "unknown",
-        "h2load": subprocess.run(["h2load", "--version"], capture_output=True, text=True, check=False)
-        .stdout.strip()
-        .splitlines()[0],
-    }
+    h2load = subprocess.run(["h2load", "--version"], capture_output=True, text=True, check=False).stdout.strip()
+    return {**machine(), "h2load": h2load.splitlines()[0] if h2load else "unknown"}
 
 
 def _median_case(runs: list[Case]) -> Case:

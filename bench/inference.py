@@ -38,12 +38,9 @@ import itertools
 import json
 import math
 import os
-import platform
 import re
 import secrets
 import statistics
-import subprocess
-import sys
 import time
 import urllib.parse
 from collections import defaultdict
@@ -61,6 +58,7 @@ from far.inference.v1 import inference_service_pb2_grpc, job_pb2
 from tritonclient.grpc import InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 
+from bench.provenance import code_state, machine
 from bench.results_file import write_section
 from bench.scratch import scratch
 from devstack.stack import Stack, run_migrations
@@ -593,35 +591,6 @@ def _summary(cases: list[Case]) -> dict[str, Any]:
     return summary
 
 
-def _code_state() -> dict[str, Any]:
-    """Which code was measured: the commit, and whether the service or the model had uncommitted changes."""
-
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-
-    return {
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "uncommitted_changes": git("status", "--porcelain", "--", "servers/inference", "gpu/models").splitlines(),
-    }
-
-
-def _machine() -> dict[str, str]:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
-    memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
-    envoy = subprocess.run(
-        [str(Path(sys.executable).parent / "envoy"), "--version"], capture_output=True, text=True, check=False
-    ).stdout
-    envoy_version = re.search(r"/(\d+\.\d+\.\d+)/", envoy)
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "memory": f"{memory_kib / 1024 / 1024:.0f} GiB",
-        "python": platform.python_version(),
-        "envoy": envoy_version.group(1) if envoy_version else "unknown",
-    }
-
-
 @dataclass
 class Measured:
     """One placement's run: its cases, the summary figures and the context they were measured in."""
@@ -776,7 +745,7 @@ def main() -> int:
     if any(p.model_cpus is not None for p in placements) and not {0, 1} <= every_cpu:
         raise SystemExit("bench: the split placement needs CPUs 0 and 1")
 
-    code = _code_state()
+    code = code_state("servers/inference", "gpu/models")
     measured: list[Measured] = []
     for placement in placements:
         os.sched_setaffinity(0, placement.platform_cpus or every_cpu)
@@ -814,7 +783,7 @@ def main() -> int:
         measured.append(Measured(placement, cases, _summary(cases), context))
         print(json.dumps({"placement": placement.name, **context, **measured[-1].summary}, indent=2), flush=True)
     os.sched_setaffinity(0, every_cpu)
-    _write_results(measured, _machine(), args.tag)
+    _write_results(measured, machine(), args.tag)
     print(f"written: {RESULTS_MD.relative_to(ROOT)}, {_outputs(args.tag)[0].relative_to(ROOT)}")
     return 0
 
