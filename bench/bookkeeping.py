@@ -1,7 +1,7 @@
 """What one job's records cost the inference server in CPU: the servicer's own code on real PostgreSQL and Redis.
 
 `python -m bench.bookkeeping` builds the inference servicer's parts in-process (DATABASE_URL/REDIS_URL or the
-embedded ones; a free model, so no chain) and times two of its paths:
+embedded ones; a free model, so no chain) and times three of its paths:
 
 - `fast`: what Generate's fast path does once the node has accepted the prompt (`_create_started`): BEGIN, the
   job's insert, the admission (a Lua call in Redis), the job event staged in the outbox, COMMIT, the event
@@ -9,11 +9,14 @@ embedded ones; a free model, so no chain) and times two of its paths:
   so its CPU is added to their time to first token (bench/RESULTS.md, inference).
 - `queued`: the queued path of Generate and CreateJob (`_create` after the admission): the same records
   without the wait for the node.
+- `end`: what the runner writes when a job ends (`Runner._finish`): the row's end and its event in one
+  transaction, the End entry of the job's token stream, the account's admission count. It runs after the
+  stream, so it is not in front of any token, but it is CPU per job all the same.
 
-Each figure is the process CPU time (and wall time) per job over `--jobs` jobs, in rounds that alternate the
-two paths; the median round is reported. Nothing else runs in the process, but PostgreSQL and Redis share
-the machine, so the wall times include their share of it. Figures go to bench/results/bookkeeping.json and
-the "Job bookkeeping" section of bench/RESULTS.md.
+Each figure is the process CPU time (and wall time) of the path's own part per job over `--jobs` jobs, in
+rounds that rotate the paths; the median round is reported. Nothing else runs in the process, but PostgreSQL
+and Redis share the machine, so the wall times include their share of it. Figures go to
+bench/results/bookkeeping.json and the "Job bookkeeping" section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -44,16 +47,16 @@ from servers.common.outbox import Outbox
 from servers.common.pagination import PageTokens
 from servers.inference.admission import Admission
 from servers.inference.catalog import DEFAULT_MODELS, Catalog, ModelSpec
-from servers.inference.executor import Clients
+from servers.inference.executor import Clients, Outcome
 from servers.inference.jobs import resolve
 from servers.inference.models import OUTBOX
 from servers.inference.nodes import NodeDirectory, NodeInfo, static_source
 from servers.inference.prices import Prices
 from servers.inference.quotes import Quotes, new_id
 from servers.inference.requests import JobSpec, validate
-from servers.inference.runner import Runner
+from servers.inference.runner import Runner, _Running
 from servers.inference.servicer import InferenceServicer, Parts
-from servers.inference.token_stream import TokenStreams
+from servers.inference.token_stream import TokenStreams, TokenWriter
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "RESULTS.md"
@@ -102,41 +105,52 @@ def _principal() -> Principal:
     return Principal(subject="0x" + os.urandom(20).hex())
 
 
+Timed = tuple[float, float]
+"""(process CPU seconds, wall seconds) of one job's records."""
+
+
+async def _timed(work: Awaitable[object]) -> Timed:
+    cpu, wall = time.process_time(), time.perf_counter()
+    await work
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
 async def _measure(
     servicer: InferenceServicer, model: ModelSpec, spec: JobSpec, *, jobs: int, rounds: int
 ) -> dict[str, dict[str, float]]:
-    admission = servicer._p.admission
+    admission, runner, streams = servicer._p.admission, servicer._p.runner, servicer._p.streams
     accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     accepted.set_result(12)  # the node has taken the prompt
 
-    async def fast() -> None:
-        await servicer._create_started(_principal(), spec, None, model, new_id("j"), accepted)
+    async def fast() -> Timed:
+        return await _timed(servicer._create_started(_principal(), spec, None, model, new_id("j"), accepted))
 
-    async def queued() -> None:
+    async def queued() -> Timed:
         principal = _principal()
         ticket = await admission.admit(model.served_as, new_id("j"), principal.subject)
-        cpu, wall = time.process_time(), time.perf_counter()
-        await servicer._create(principal, spec, None, ticket, streamed=True)
-        times.append((time.process_time() - cpu, time.perf_counter() - wall))
+        timed = await _timed(servicer._create(principal, spec, None, ticket, streamed=True))
         await admission.claim(ticket)  # out of the queue, so that it never fills
+        return timed
 
-    times: list[tuple[float, float]] = []
-    paths: dict[str, Callable[[], Awaitable[None]]] = {"fast": fast, "queued": queued}
+    async def end() -> Timed:
+        principal, job_id = _principal(), new_id("j")
+        await servicer._create_started(principal, spec, None, model, job_id, accepted)
+        outcome = Outcome(
+            job_pb2.Job.STATE_SUCCEEDED, job_pb2.FINISH_REASON_LENGTH, 40, 32, node="nodes/bench", text=["token "] * 32
+        )
+        writer = TokenWriter(streams, job_id)
+        runner.try_reserve(model)  # the slot that the end gives back
+        return await _timed(runner._finish(job_id, principal.subject, model, outcome, 250, writer, _Running()))
+
+    paths: dict[str, Callable[[], Awaitable[Timed]]] = {"fast": fast, "queued": queued, "end": end}
     for path in paths.values():  # warm the statement caches and the connection pools
         for _ in range(50):
             await path()
-    per_round: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    per_round: dict[str, list[Timed]] = {name: [] for name in paths}
     for number in range(rounds):
-        order = list(paths) if number % 2 == 0 else list(reversed(paths))
-        for name in order:
-            times.clear()
-            cpu, wall = time.process_time(), time.perf_counter()
-            for _ in range(jobs):
-                await paths[name]()
-            if name == "fast":
-                per_round[name].append(((time.process_time() - cpu) / jobs, (time.perf_counter() - wall) / jobs))
-            else:  # the admission and the claim around each job are not the path's
-                per_round[name].append((sum(t[0] for t in times) / jobs, sum(t[1] for t in times) / jobs))
+        for name in list(paths)[number % len(paths) :] + list(paths)[: number % len(paths)]:
+            timed = [await paths[name]() for _ in range(jobs)]
+            per_round[name].append((sum(cpu for cpu, _ in timed) / jobs, sum(wall for _, wall in timed) / jobs))
     return {
         name: {
             "cpu_ms_per_job": round(1000 * statistics.median(cpu for cpu, _ in values), 3),
@@ -168,7 +182,12 @@ async def _run(database_url: str, redis_url: str, prefix: str, *, jobs: int, rou
 
 def _section(summary: dict[str, object]) -> str:
     rows = []
-    for name, label in (("fast", "Generate's fast path (`_create_started`)"), ("queued", "queued (`_create`)")):
+    labels = {
+        "fast": "Generate's fast path (`_create_started`)",
+        "queued": "queued (`_create`)",
+        "end": "the job's end (`Runner._finish`)",
+    }
+    for name, label in labels.items():
         figures = summary[name]
         assert isinstance(figures, dict)
         rows.append(
@@ -184,10 +203,11 @@ def _section(summary: dict[str, object]) -> str:
             "",
             f"Run {summary['date']} on {machine['cpu']} ({machine['cores']} cores): {summary['rounds']} rounds of "
             f"{summary['jobs_per_round']} jobs per path,",
-            "alternating; the median round, and the range of CPU over the rounds. PostgreSQL and Redis are real and",
+            "rotating; the median round, and the range of CPU over the rounds. PostgreSQL and Redis are real and",
             "share the machine. The fast path's records: BEGIN, the job's insert, the admission (a Lua call in Redis),",
             "the job event in the outbox, COMMIT, the event to Redis. The queued path's are the same but for the",
-            "admission, which comes before them (and is not counted).",
+            "admission, which comes before them (and is not counted). The end's: the row's end and its event",
+            "(one transaction), the End entry of the job's token stream, the account's admission count.",
             "",
             "| path | server CPU per job, ms | wall per job, ms |",
             "|---|---|---|",

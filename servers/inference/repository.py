@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from far.inference.v1 import job_pb2
-from sqlalchemy import Table, func, select, tuple_, update
+from sqlalchemy import Table, Update, bindparam, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -80,24 +80,26 @@ async def list_jobs(
     return list((await session.execute(query)).scalars())
 
 
+_START_JOB = update(_JOBS).where(_JOBS.c.id == bindparam("job"), _JOBS.c.state == QUEUED).returning(*_JOBS.c)
+_END_JOB = update(_JOBS).where(_JOBS.c.id == bindparam("job"), _JOBS.c.state.in_(UNFINISHED)).returning(*_JOBS.c)
+"""Built once, like `_INSERT_JOB`: the columns to set come as parameters (each set of columns compiles once),
+and the row that comes back is made a JobRow without the ORM's update bookkeeping (~1 ms of CPU per job)."""
+
+
+async def _updated(session: AsyncSession, statement: Update, job_id: str, values: dict[str, Any]) -> JobRow | None:
+    updated = (await session.execute(statement, {"job": job_id, **values})).mappings().one_or_none()
+    return JobRow(**updated) if updated is not None else None
+
+
 async def mark_started(session: AsyncSession, job_id: str, *, node: str, start_time: datetime) -> JobRow | None:
     """QUEUED -> RUNNING on `node`; None when the job is no longer queued (cancelled meanwhile)."""
-    statement = (
-        update(JobRow)
-        .where(JobRow.id == job_id, JobRow.state == QUEUED)
-        .values(state=RUNNING, node=node, start_time=start_time)
-        .returning(JobRow)
-    )
-    return (await session.execute(statement)).scalar_one_or_none()
+    return await _updated(session, _START_JOB, job_id, {"state": RUNNING, "node": node, "start_time": start_time})
 
 
 async def mark_ended(session: AsyncSession, job_id: str, **values: Any) -> JobRow | None:
     """Set the end of an unfinished job (state, finish reason, usage, output, error, times); None when it
     had ended already (the first end wins: a cancel racing the last token, a retry of the same end)."""
-    statement = (
-        update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(UNFINISHED)).values(**values).returning(JobRow)
-    )
-    return (await session.execute(statement)).scalar_one_or_none()
+    return await _updated(session, _END_JOB, job_id, values)
 
 
 async def running_started_before(session: AsyncSession, before: datetime, *, limit: int) -> list[JobRow]:

@@ -93,3 +93,45 @@ async def test_a_second_job_with_the_same_request_id_is_refused_and_not_written(
         existing = await repository.job_by_request_id(uow.session, owner, "same")
     assert existing is not None
     assert existing.id == first.id
+
+
+async def test_a_queued_job_starts_once_and_an_unfinished_one_ends_once(database: Database) -> None:
+    row = _row("0x" + "d0" * 20)
+    async with database.transaction() as uow:
+        await repository.insert_job(uow.session, row)
+    started_at = datetime(2026, 2, 3, 4, 5, 6, tzinfo=UTC)
+    async with database.transaction() as uow:
+        started = await repository.mark_started(uow.session, row.id, node="nodes/a", start_time=started_at)
+        assert await repository.mark_started(uow.session, row.id, node="nodes/b", start_time=started_at) is None
+    assert started is not None
+    assert (started.state, started.node, started.start_time) == (job_pb2.Job.STATE_RUNNING, "nodes/a", started_at)
+    assert {key: getattr(started, key) for key in COLUMNS} == await _stored(database, row.id)
+
+    ended_at = datetime(2026, 2, 3, 4, 5, 9, tzinfo=UTC)
+    end = {
+        "state": job_pb2.Job.STATE_SUCCEEDED,
+        "finish_reason": job_pb2.FINISH_REASON_LENGTH,
+        "prompt_tokens": 7,
+        "completion_tokens": 4,
+        "output_text": "four",
+        "error": None,
+        "end_time": ended_at,
+        "time_to_first_token_ms": 12,
+    }
+    async with database.transaction() as uow:
+        ended = await repository.mark_ended(uow.session, row.id, **end)
+    assert ended is not None
+    assert {key: getattr(ended, key) for key in end} == end
+    assert (ended.node, ended.start_time) == ("nodes/a", started_at)  # what the end does not set stays
+    assert {key: getattr(ended, key) for key in COLUMNS} == await _stored(database, row.id)
+    async with database.transaction() as uow:  # the first end wins
+        again = await repository.mark_ended(uow.session, row.id, state=job_pb2.Job.STATE_CANCELLED, end_time=ended_at)
+    assert again is None
+    assert (await _stored(database, row.id))["state"] == job_pb2.Job.STATE_SUCCEEDED
+
+
+async def test_a_job_that_never_existed_neither_starts_nor_ends(database: Database) -> None:
+    async with database.transaction() as uow:
+        now = datetime.now(UTC)
+        assert await repository.mark_started(uow.session, "j-missing", node="nodes/a", start_time=now) is None
+        assert await repository.mark_ended(uow.session, "j-missing", state=job_pb2.Job.STATE_FAILED) is None
