@@ -1,8 +1,9 @@
-"""Creating a job: check its quote, verify its payment on chain, then consume the payment and insert the job in
+"""Creating a job: check its quote, verify its payment on chain, then insert the job and consume the payment in
 one transaction (so a payment pays one job once, and a failed insert leaves the payment unused).
 
 `verify` only reads (Redis for the quote, the chain for the payment) and may run while the model does its
-prefill; `create` is the one write. A retry with the same request id returns the first call's job.
+prefill; `create` is the one write. A retry with the same request id returns the first call's job and consumes
+nothing, even when it races the first call with another payment.
 """
 
 from __future__ import annotations
@@ -126,17 +127,18 @@ async def create(
     job_id: str | None = None,
     started_on: str | None = None,
 ) -> tuple[JobRow, bool]:
-    """Insert the job (QUEUED, or RUNNING on node `started_on` for one that started at once), consuming its
+    """Insert the job (QUEUED, or RUNNING on node `started_on` for one that started at once), then consume its
     payment; returns (row, created).
 
-    created is False when the caller already has a job with this request id (that job is returned, and
-    nothing is consumed). PAYMENT_ALREADY_USED (metadata `job`) when the payment paid a job before.
+    created is False when the caller already has a job with this request id: that job is returned and nothing
+    was written (the payment stays unused). PAYMENT_ALREADY_USED (metadata `job`) when the payment paid a job
+    before; the insert is then rolled back with the caller's transaction, which the error ends.
+
+    The insert comes first so that a duplicate request is found before anything is consumed: a concurrent call
+    with the same request id waits on this insert's unique key and then finds this job, whatever it paid with.
+    (The other way round, a concurrent call with the same request id and another payment consumed its payment,
+    then found the job taken and committed, and that payment paid for nothing.)
     """
-    session = uow.session
-    if spec.request_id:
-        existing = await repository.job_by_request_id(session, principal.subject, spec.request_id)
-        if existing is not None:
-            return existing, False
     job_id = job_id or job_id_for(paid.quote if paid is not None else None)
     now = datetime.now(UTC)
     row = JobRow(
@@ -159,18 +161,6 @@ async def create(
         start_time=None if started_on is None else now,
     )
     if paid is not None:
-        try:
-            await consume_payment(session, PAYMENTS, paid.payment, resource=f"jobs/{job_id}")
-        except PaymentAlreadyUsed as error:
-            if spec.request_id:  # a concurrent retry of this very call consumed it: answer with its job
-                existing = await repository.job_by_request_id(session, principal.subject, spec.request_id)
-                if existing is not None:
-                    return existing, False
-            used_for = error.metadata.get("resource", "")
-            raise PaymentAlreadyUsed(
-                f"this payment paid {used_for or 'another job'} already",
-                metadata={**error.metadata, "job": used_for},
-            ) from None
         payment = paid.payment
         row.chain_id = payment.chain_id
         row.tx_hash = payment.tx_hash
@@ -179,10 +169,23 @@ async def create(
         row.amount = Decimal(payment.amount)
         row.payment_contract = payment.payment_contract
         row.verify_time = now
+    session = uow.session
     inserted = await repository.insert_job(session, row)
-    if inserted is None:  # a concurrent retry with the same request id won the race
+    if inserted is None and spec.request_id:
         existing = await repository.job_by_request_id(session, principal.subject, spec.request_id)
-        if existing is None:  # pragma: no cover - the conflicting row is committed before we see the conflict
-            raise RuntimeError("request id conflict without a row")
-        return existing, False
+        if existing is not None:  # a retry of this call (or one racing it): answer with its job
+            return existing, False
+    if paid is not None:
+        # The job's id is taken (inserted is None) only by the job its quote paid for: the chain takes one
+        # payment per quote's job, so consuming it below finds it used and names that job.
+        try:
+            await consume_payment(session, PAYMENTS, paid.payment, resource=f"jobs/{job_id}")
+        except PaymentAlreadyUsed as error:
+            used_for = error.metadata.get("resource", "")
+            raise PaymentAlreadyUsed(
+                f"this payment paid {used_for or 'another job'} already",
+                metadata={**error.metadata, "job": used_for},
+            ) from None
+    if inserted is None:  # pragma: no cover - a new id, or a paid job's id that its payment names above
+        raise RuntimeError(f"job id jobs/{job_id} is taken")
     return inserted, True

@@ -20,7 +20,7 @@ _JOBS = cast(Table, JobRow.__table__)
 _DEFAULTED = tuple(c for c in _JOBS.columns if c.default is not None or c.server_default is not None)
 _INSERT_JOB = (
     insert(_JOBS)
-    .on_conflict_do_nothing(index_elements=["owner", "request_id"], index_where=_JOBS.c.request_id.is_not(None))
+    .on_conflict_do_nothing()  # the id (a paid job's is its quote's) or the owner's request id is taken
     .returning(_JOBS.c.id, *_DEFAULTED)
 )
 """Built once and run with the row's values as parameters. A new ORM statement with the values inline, per job,
@@ -30,7 +30,7 @@ row object built from RETURNING."""
 
 async def insert_job(session: AsyncSession, row: JobRow) -> JobRow | None:
     """Insert the job and return `row`, with what the database filled in for the columns it left unset; None
-    when the owner already has a job with its request id (the caller reads that one)."""
+    when a job with its id exists, or the owner has a job with its request id (the caller reads that one)."""
     values = {c.key: getattr(row, c.key) for c in _JOBS.columns}
     given = {key: value for key, value in values.items() if value is not None}
     inserted = (await session.execute(_INSERT_JOB, given)).first()

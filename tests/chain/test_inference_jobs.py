@@ -3,6 +3,7 @@ transaction that inserts the job; unpaid, underpaid, reused and other wallets' p
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -10,6 +11,7 @@ import pytest
 from eth_account.signers.local import LocalAccount
 from far.inference.v1 import job_pb2, quote_pb2
 from redis.asyncio import Redis
+from sqlalchemy import text
 from web3 import Web3
 
 from devstack.chain import job_key, model_key, transact
@@ -19,6 +21,7 @@ from servers.common.db import Database
 from servers.common.errors import DomainError
 from servers.inference import convert, jobs
 from servers.inference.catalog import Catalog, ModelSpec
+from servers.inference.models import JobRow
 from servers.inference.prices import Prices
 from servers.inference.quotes import Quotes
 from servers.inference.requests import validate
@@ -154,6 +157,55 @@ async def test_a_retry_with_the_request_id_returns_the_first_job(
     again, created_again = await submit(database, chain, quotes, alice, request(quote, tx), request_id=request_id)
     assert (created, created_again) == (True, False)
     assert again == first
+
+
+async def _waiting_on_a_lock(database: Database, *, timeout_s: float = 10.0) -> None:
+    """Until a session of this database waits on a row or key lock (another test's would do as well: only a
+    later step's outcome tells)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    while asyncio.get_running_loop().time() < deadline:
+        async with database.read() as uow:
+            if (await uow.session.execute(query)).scalar_one() > 0:
+                return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the racing call never waited on the first call's insert")
+
+
+async def test_a_racing_call_with_the_request_id_and_another_payment_spends_nothing(
+    database: Database, chain: Chain, quotes: Quotes, w3: Web3, contracts: Contracts, alice: LocalAccount
+) -> None:
+    """Two calls with one request id but two payments, the second while the first's transaction is open: the
+    second gets the first's job, and its own payment stays unused."""
+    caller, request_id = principal(alice), str(uuid.uuid4())
+    first_quote, second_quote = await quote_for(quotes, alice), await quote_for(quotes, alice)
+    first_tx, second_tx = pay(w3, contracts, alice, first_quote), pay(w3, contracts, alice, second_quote)
+    first, first_paid = await jobs.verify(
+        chain, quotes, caller.subject, validate(MODEL, request(first_quote, first_tx), request_id=request_id)
+    )
+    second, second_paid = await jobs.verify(
+        chain, quotes, caller.subject, validate(MODEL, request(second_quote, second_tx), request_id=request_id)
+    )
+
+    async def second_call() -> tuple[JobRow, bool]:
+        async with database.transaction() as uow:
+            return await jobs.create(uow, caller, second, second_paid, streamed=True)
+
+    async with database.transaction() as uow:
+        first_row, created = await jobs.create(uow, caller, first, first_paid, streamed=True)
+        racing = asyncio.create_task(second_call())
+        await _waiting_on_a_lock(database)  # the second call's insert waits on the first's request id
+    row, created_again = await racing
+    assert (created, created_again) == (True, False)
+    assert row.id == first_row.id
+    # The second payment paid for nothing, so it is still free: its quote's job can be created with it.
+    job, created = await submit(
+        database, chain, quotes, alice, request(second_quote, second_tx), request_id=str(uuid.uuid4())
+    )
+    assert created
+    assert job.name == second_quote.job
 
 
 async def test_unpaid_and_underpaid_jobs_are_refused(

@@ -135,3 +135,13 @@ async def test_a_job_that_never_existed_neither_starts_nor_ends(database: Databa
         now = datetime.now(UTC)
         assert await repository.mark_started(uow.session, "j-missing", node="nodes/a", start_time=now) is None
         assert await repository.mark_ended(uow.session, "j-missing", state=job_pb2.Job.STATE_FAILED) is None
+
+
+async def test_a_job_whose_id_is_taken_is_refused_and_not_written(database: Database) -> None:
+    first = _row("0x" + "d1" * 20)
+    again = _row("0x" + "d2" * 20, id=first.id)  # a paid job's id is its quote's: a reused quote
+    async with database.transaction() as uow:
+        assert await repository.insert_job(uow.session, first) is first
+    async with database.transaction() as uow:
+        assert await repository.insert_job(uow.session, again) is None
+    assert (await _stored(database, first.id))["owner"] == first.owner
