@@ -121,29 +121,29 @@ class TritonPythonModel:
         except (BadRequest, PromptTooLong) as exc:
             sender.send(_error(str(exc)), flags=FINAL)
             return
-        accept = completion.max_prompt_tokens is not None
+        # The accepted response, until it is sent (only when the caller set what it paid for).
+        accepted = _response(Piece("", "", len(tokens), 0)) if completion.max_prompt_tokens is not None else None
         accepting: threading.Thread | None = None
         llama = self.slots.try_acquire()
         if llama is None:  # every slot is busy: accept now (the send's time is waiting time), then wait
             self._count_waiting(+1)  # first: a caller that has the accepted response sees this request wait
             try:
-                if accept:
-                    _send_quietly(sender, _response(Piece("", "", len(tokens), 0)), flags=0)
+                if accepted is not None:
+                    _send_quietly(sender, accepted, flags=0)
+                    accepted = None
                 llama = self.slots.acquire(give_up=lambda: bool(stopped()))
             finally:
                 self._count_waiting(-1)
             if llama is None:
                 self._finish(sender, Piece("", stopped() or "cancelled", 0, 0))
                 return
-            accept = False
         self._count_busy()
         last = Piece("", "error", 0, 0)
         try:
-            if accept:
+            if accepted is not None:
                 # A free slot: the accepted response goes out while the prefill runs. Sending costs ~20 ms on
                 # this stub, so it goes from a thread of its own; the first piece waits for it (responses stay
                 # in order, and never two sends at once on one request).
-                accepted = _response(Piece("", "", len(tokens), 0))
                 accepting = threading.Thread(target=sender.send, args=(accepted,), name="accept", daemon=True)
                 accepting.start()
             for piece in stream(llama, completion, tokens, self.settings.context, stopped):
