@@ -3,9 +3,13 @@
 `admit` is one atomic Lua call: drop the account's expired entries, refuse when the account has too many
 unfinished jobs (`TOO_MANY_JOBS`) or the model's queue is full (`QUEUE_FULL`; both RESOURCE_EXHAUSTED with
 RetryInfo, HTTP 429 through Envoy), else add the job to the account's set and to the queue, returning the
-job's position. A job leaves the queue when someone *claims* it: `XDEL` of its entry returns 1 to exactly
-one claimer, whether that is a dispatcher that read it through the group (`take`) or the replica that
-admitted it and has a free slot right now (`claim`, the fast path with no cross-replica hop).
+job's position. A job that would start at once on a free slot of its replica (`queued=False`) is refused with
+`JobsWaiting` while any job waits in the model's queue, in the same call: waiting jobs go first, and no job
+can join the queue between the check and the admission.
+
+A job leaves the queue when someone *claims* it: `XDEL` of its entry returns 1 to exactly one claimer, whether
+that is a dispatcher that read it through the group (`take`) or the replica that admitted it and has a free
+slot right now (`claim`, the fast path with no cross-replica hop).
 
 An entry a dispatcher read but never claimed (it died while it waited for a slot) stays pending in the group,
 never delivered again to `>` readers: `read` takes such entries over first (`XAUTOCLAIM`) once they have been
@@ -29,6 +33,7 @@ _ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return {-2, ''} end
 if ARGV[7] == '0' then
+  if redis.call('XLEN', KEYS[1]) > 0 then return {-3, ''} end
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
   redis.call('EXPIRE', KEYS[2], ARGV[6])
   return {0, ''}
@@ -40,6 +45,10 @@ local id = redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
 redis.call('SET', KEYS[3], id, 'EX', ARGV[6])
 return {redis.call('XLEN', KEYS[1]), id}
 """
+
+
+class JobsWaiting(Exception):
+    """A job that would start at once was not admitted: jobs wait in the model's queue, and they go first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +93,8 @@ class Admission:
         """Queue `job`; ResourceExhausted (`TOO_MANY_JOBS` / `QUEUE_FULL`) when it may not wait.
 
         `queued=False` admits a job that starts at once on a slot of this replica: it counts against its
-        account but takes no queue entry (its ticket has no entry and position 0).
+        account but takes no queue entry (its ticket has no entry and position 0). While jobs wait in the
+        model's queue it raises `JobsWaiting` instead (the account's limit is checked first).
         """
         now = time.time() if now is None else now
         limits = self.limits
@@ -101,6 +111,8 @@ class Admission:
             ],
         )
         position, entry = int(answer[0]), answer[1]
+        if position == -3:
+            raise JobsWaiting(model)
         if position == -2:
             raise ResourceExhausted(
                 f"the account has {limits.max_unfinished_per_account} unfinished jobs already; wait for one to end",

@@ -23,7 +23,7 @@ from servers.common.names import parse_name
 from servers.common.pagination import PageTokens, page_size
 from servers.common.validation import normalize_wallet
 from servers.inference import convert, jobs, metrics, repository, streams
-from servers.inference.admission import Admission, Ticket
+from servers.inference.admission import Admission, JobsWaiting, Ticket
 from servers.inference.catalog import Catalog, ModelSpec
 from servers.inference.executor import error_status
 from servers.inference.models import JobRow
@@ -194,10 +194,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
         The insert (and the payment it consumes) waits uncommitted for the node's word: a prompt longer than
         what was paid for rolls it back, so the payment stays unused, and the job message follows the node's
-        reply by an admission and a COMMIT instead of the whole transaction. The node answers within
-        milliseconds (before its request waits for a slot), but one on a slow link or one that fails before it
-        answers can take longer, and the open transaction holds a database connection: it waits at most
-        `accept_in_transaction_s`, then rolls back, waits for the node outside, and writes the job afterwards.
+        reply by an admission and a COMMIT instead of the whole transaction. The admission refuses a start at
+        once while jobs wait in the model's queue (`JobsWaiting`, which rolls the insert back: the call
+        queues). The node answers within milliseconds (before its request waits for a slot), but one on a slow
+        link or one that fails before it answers can take longer, and the open transaction holds a database
+        connection: it waits at most `accept_in_transaction_s`, then rolls back, waits for the node outside, and
+        writes the job afterwards.
         """
         ticket: Ticket | None = None
         try:
@@ -226,16 +228,6 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             raise
         return message, True, row
 
-    async def _start_here(self, model: ModelSpec) -> bool:
-        """Whether a job of `model` may start on this replica now (a slot taken for it): a free slot and
-        nobody waiting in the model's queue (waiting jobs go first)."""
-        if not self._p.runner.try_reserve(model):
-            return False
-        if await self._p.admission.length(model.served_as) == 0:
-            return True
-        self._p.runner.unreserve(model)
-        return False
-
     async def CreateJob(self, request: pb.CreateJobRequest, context: Context) -> job_pb2.Job:
         principal = current_principal()
         model = self._p.quotes.model(request.job.model, "job.model")
@@ -251,10 +243,19 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             jobs.pay(self._p.chain, principal.subject, spec, quote),
             self._p.runner.count_prompt(model, spec.generation),
         )
-        here = await self._start_here(model)
         job_id = jobs.job_id_for(paid.quote if paid is not None else None)
+        # A free slot here runs the job at once, unless jobs wait in the model's queue (they go first).
+        here = self._p.runner.try_reserve(model)
         try:
-            ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject, queued=not here)
+            ticket: Ticket | None = None
+            if here:
+                try:
+                    ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject, queued=False)
+                except JobsWaiting:
+                    self._p.runner.unreserve(model)
+                    here = False
+            if ticket is None:
+                ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject)
             message, created, _ = await self._create(principal, spec, paid, ticket, streamed=False)
         except BaseException:
             if here:
@@ -291,8 +292,9 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         if not self._p.runner.is_running(job_id) and self._p.runner.try_reserve(model):
             # The fast path: the model starts its prefill now, while the payment is verified and the job is
             # admitted and recorded; its pieces are held until that is done (none reaches the caller unpaid).
-            # Even the reads that may turn the call away come after the start: jobs waiting in the model's queue
-            # (Redis), an earlier call with the same request id (PostgreSQL).
+            # Even the checks that may turn the call away come after the start: an earlier call with the same
+            # request id (PostgreSQL), and jobs waiting in the model's queue (they go first: the admission, in
+            # the job's transaction, refuses a start at once while any waits).
             queue: asyncio.Queue[Piece | pb.GenerateEnd | streams.Interrupt] = asyncio.Queue()
             loop = asyncio.get_running_loop()
             gate: asyncio.Future[JobRow] = loop.create_future()
@@ -308,19 +310,15 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 arrived=call_started() or None,
             )
             try:
-                waiting, earlier = await asyncio.gather(
-                    self._p.admission.length(model.served_as), self._earlier(principal, spec)
-                )
+                earlier = await self._earlier(principal, spec)
                 if earlier is not None:  # a retry: stream the earlier call's job from the start
                     raise _Duplicate(earlier)
-                if waiting > 0:
-                    raise _Behind()  # waiting jobs go first: the started generation is dropped, this call queues
                 paid = await jobs.pay(self._p.chain, principal.subject, spec, quote)
                 message, created, row = await self._create_started(principal, spec, paid, model, job_id, accepted)
                 if not created:
                     raise _Duplicate(message)
-            except _Behind as behind:  # the runner gives the slot back when it sees the gate
-                gate.set_exception(behind)
+            except JobsWaiting as waiting:  # nothing was written; the runner gives the slot back at the gate
+                gate.set_exception(waiting)  # the started generation is dropped, and this call queues
             except _Duplicate as duplicate:
                 gate.set_exception(duplicate)
                 async for response in self._replay(duplicate.job, model):
@@ -537,10 +535,6 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-class _Behind(Exception):
-    """Jobs wait in the model's queue: a call that found a free slot queues behind them all the same."""
 
 
 class _SlowAccept(Exception):

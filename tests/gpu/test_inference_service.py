@@ -280,16 +280,19 @@ async def test_a_prompt_too_long_is_refused_before_its_job_exists_on_every_path(
     assert [j.name for j in listed.jobs] == [fits.name]  # the refused calls left no job
 
 
+@pytest.mark.parametrize("via", ["Generate", "CreateJob"])
 async def test_a_free_slot_does_not_let_a_call_jump_the_queue(
     triton: TritonProcess,
     service_env: dict[str, str],
     tmp_path: Path,
     caller: Callable[[str], Metadata],
     redis_url: str,
+    via: str,
 ) -> None:
-    """Generate starts the model before it checks the queue (one Redis round trip fewer in front of the model);
-    when jobs wait, it drops that start and queues behind them."""
-    prefix = f"{service_env['REDIS_KEY_PREFIX']}behind:"  # a queue of its own: no other replica's dispatcher
+    """Generate starts the model before it checks the queue (nothing in Redis in front of the model); when jobs
+    wait, the job's admission refuses the start at once, and the call drops its start and queues behind them.
+    CreateJob on a free slot queues behind them too."""
+    prefix = f"{service_env['REDIS_KEY_PREFIX']}behind-{via}:"  # a queue of its own: no other replica's dispatcher
     redis = Redis.from_url(redis_url)
     elsewhere = Admission(redis, prefix)
     await elsewhere.ensure_group(CHAT_MODEL)
@@ -306,17 +309,29 @@ async def test_a_free_slot_does_not_let_a_call_jump_the_queue(
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
             stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
-            call = stub.Generate(story(max_tokens=4), metadata=caller(owner))
-            (first,) = [r async for r in _take(call, 1)]
-            await elsewhere.withdraw(waiting, other)  # the other job goes away ...
-            rest = [r async for r in call]  # ... and this one runs on the slot its dropped start gave back
+            if via == "Generate":
+                call = stub.Generate(story(max_tokens=4), metadata=caller(owner))
+                (first,) = [r async for r in _take(call, 1)]
+                job = first.job
+                await elsewhere.withdraw(waiting, other)  # the other job goes away ...
+                rest = [r async for r in call]  # ... and this one runs on the slot its dropped start gave back
+                ended = rest[-1].final.state
+            else:
+                created = job_pb2.Job(model=MODEL, prompt="Hi", max_tokens=4)
+                job = await stub.CreateJob(pb.CreateJobRequest(job=created), metadata=caller(owner))
+                await elsewhere.withdraw(waiting, other)
+                for _ in range(200):
+                    got = await stub.GetJob(pb.GetJobRequest(name=job.name), metadata=caller(owner))
+                    if got.state == job_pb2.Job.STATE_SUCCEEDED:
+                        break
+                    await asyncio.sleep(0.05)
+                ended = got.state
     finally:
         await replica.stop()
         await redis.aclose()
-    assert first.job.state == job_pb2.Job.STATE_QUEUED
-    assert first.job.queue_position == 2  # behind the waiting job, although the one slot was free
-    assert rest[-1].final.state == job_pb2.Job.STATE_SUCCEEDED
-    assert rest[-1].final.usage.completion_tokens == 4
+    assert job.state == job_pb2.Job.STATE_QUEUED
+    assert job.queue_position == 2  # behind the waiting job, although the one slot was free
+    assert ended == job_pb2.Job.STATE_SUCCEEDED
 
 
 async def _take(stream: Any, count: int) -> AsyncIterator[pb.GenerateResponse]:

@@ -8,7 +8,7 @@ import pytest
 from redis.asyncio import Redis
 
 from servers.common.errors import ResourceExhausted
-from servers.inference.admission import Admission, Limits
+from servers.inference.admission import Admission, JobsWaiting, Limits
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +53,23 @@ async def test_an_account_may_have_only_so_many_unfinished_jobs(admission: Admis
     assert await admission.length(MODEL) == 2  # the refused job was not queued
     await admission.release("a1", "alice")
     await admission.admit(MODEL, "a3", "alice")
+
+
+async def test_a_start_at_once_yields_to_waiting_jobs_and_counts_nothing(admission: Admission) -> None:
+    started = await admission.admit(MODEL, "s1", "alice", queued=False)
+    assert (started.entry, started.position) == ("", 0)
+    assert await admission.length(MODEL) == 0  # a start at once takes no queue entry
+    waiting = await admission.admit(MODEL, "w1", "bob")
+    with pytest.raises(JobsWaiting):
+        await admission.admit(MODEL, "s2", "alice", queued=False)
+    # The refusal counted nothing: alice has one unfinished job of her two, so one more may queue, not two.
+    assert (await admission.admit(MODEL, "s2", "alice")).position == 2
+    with pytest.raises(ResourceExhausted) as caught:
+        await admission.admit(MODEL, "s3", "alice", queued=False)
+    assert caught.value.reason == "TOO_MANY_JOBS"  # the account's limit comes first
+    assert await admission.take(MODEL, "d1", block_ms=100) == waiting.job
+    assert await admission.take(MODEL, "d1", block_ms=100) == "s2"
+    assert (await admission.admit(MODEL, "b2", "bob", queued=False)).position == 0  # nobody waits: at once
 
 
 async def test_entries_of_a_crashed_replica_age_out(admission: Admission) -> None:
