@@ -17,7 +17,6 @@ from far.auth.v1 import auth_service_pb2, auth_service_pb2_grpc
 from far.gamed.v1 import game_pb2, gamed_service_pb2, gamed_service_pb2_grpc
 from google.protobuf import field_mask_pb2, wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import REGISTRY
 
 from servers.common.access import AccessDeclarationError
 from servers.common.config import Settings
@@ -25,6 +24,7 @@ from servers.common.server import RunningServer, Runtime, ServiceSpec, start_ser
 from tests.conftest import wallet
 from tests.integration.probe_contract import AUTHENTICATED, PUBLIC, Kind, declare_probe
 from tests.integration.rich_errors import expect_error
+from tests.integration.rpc_counts import handled, handled_soon
 
 pytestmark = pytest.mark.integration
 
@@ -149,11 +149,6 @@ def unary(channel: grpc.aio.Channel, method: str, service: str = PROBE) -> grpc.
     )
 
 
-def handled(method: str, code: str) -> float:
-    labels = {"grpc_service": PROBE, "grpc_method": method, "grpc_code": code}
-    return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
-
-
 async def refused(call: Any, code: grpc.StatusCode, reason: str | None = None) -> None:
     await expect_error(call, code, reason, domain=DOMAIN)
 
@@ -172,10 +167,10 @@ class TestAuthenticated:
     async def test_anonymous_is_unauthenticated_before_the_service(
         self, channel: grpc.aio.Channel, probe: Probe
     ) -> None:
-        before = handled("Mine", "UNAUTHENTICATED")
+        before = handled(PROBE, "Mine", "UNAUTHENTICATED")
         await refused(unary(channel, "Mine")(Text(value="anon-mine")), grpc.StatusCode.UNAUTHENTICATED)
         assert "anon-mine" not in probe.calls
-        assert handled("Mine", "UNAUTHENTICATED") == before + 1
+        assert await handled_soon(PROBE, "Mine", "UNAUTHENTICATED", before + 1) == before + 1
 
     async def test_any_account_passes(self, channel: grpc.aio.Channel, as_role: Any) -> None:
         assert (await unary(channel, "Mine")(Text(value="m"), metadata=as_role("user"))).value == "m"

@@ -29,6 +29,7 @@ from servers.common.errors import FailedPrecondition, NotFound
 from servers.common.server import RunningServer, Runtime, ServiceSpec, start_server
 from tests.conftest import wallet
 from tests.integration.probe_contract import PUBLIC, Kind, declare_probe
+from tests.integration.rpc_counts import handled, handled_soon
 
 pytestmark = pytest.mark.integration
 
@@ -175,11 +176,6 @@ def server_stream(channel: grpc.aio.Channel) -> Callable[[str], grpc.aio.UnarySt
     return make
 
 
-def handled(method: str, code: str) -> float:
-    labels = {"grpc_service": PROBE, "grpc_method": method, "grpc_code": code}
-    return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
-
-
 async def collect(call: AsyncIterator[Text], received: list[str]) -> None:
     """Append each streamed message to `received`, so a test sees what came before an error."""
     async for message in call:
@@ -223,14 +219,14 @@ class TestAuth:
         self, unary: Any, servicer: ProbeServicer, header: str, reason: str
     ) -> None:
         marker = f"must-not-run:{header}"
-        before = handled("Whoami", "UNAUTHENTICATED")
+        before = handled(PROBE, "Whoami", "UNAUTHENTICATED")
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await unary("Whoami")(Text(value=marker), metadata=(("authorization", header),))
         assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
         info, _ = details(error.value)
         assert (info.reason, info.domain) == (reason, DOMAIN)
         assert marker not in servicer.calls
-        assert handled("Whoami", "UNAUTHENTICATED") == before + 1
+        assert await handled_soon(PROBE, "Whoami", "UNAUTHENTICATED", before + 1) == before + 1
 
     async def test_expired_token(self, unary: Any, servicer: ProbeServicer, make_token: Any) -> None:
         metadata = (("authorization", f"Bearer {make_token(wallet(9), ttl_s=-60)}"),)
@@ -262,7 +258,7 @@ class TestAuth:
 
 class TestErrors:
     async def test_unexpected_exception_is_internal_with_only_the_request_id(self, unary: Any) -> None:
-        before = handled("Boom", "INTERNAL")
+        before = handled(PROBE, "Boom", "INTERNAL")
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await unary("Boom")(Text(value="boom"), metadata=(("x-request-id", "req-boom-1"),))
         assert error.value.code() == grpc.StatusCode.INTERNAL
@@ -272,7 +268,7 @@ class TestErrors:
         assert len(all_details) == 1
         assert "hunter2" not in str(error.value)
         assert "RuntimeError" not in str(error.value)
-        assert handled("Boom", "INTERNAL") == before + 1
+        assert await handled_soon(PROBE, "Boom", "INTERNAL", before + 1) == before + 1
 
     async def test_a_request_id_is_made_when_none_is_sent(self, unary: Any) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as error:
@@ -282,22 +278,22 @@ class TestErrors:
         assert dict(details(error.value)[0].metadata) == {"request_id": match.group(1)}
 
     async def test_domain_error_maps_to_its_code_and_details(self, unary: Any) -> None:
-        before = handled("Missing", "NOT_FOUND")
+        before = handled(PROBE, "Missing", "NOT_FOUND")
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await unary("Missing")(Text(value="things/x"))
         assert error.value.code() == grpc.StatusCode.NOT_FOUND
         assert error.value.details() == "no such thing"
         info, _ = details(error.value)
         assert (info.reason, info.domain, dict(info.metadata)) == ("THING_NOT_FOUND", DOMAIN, {"name": "things/x"})
-        assert handled("Missing", "NOT_FOUND") == before + 1
+        assert await handled_soon(PROBE, "Missing", "NOT_FOUND", before + 1) == before + 1
 
     async def test_an_abort_by_the_servicer_passes_through(self, unary: Any) -> None:
-        before = handled("Deny", "PERMISSION_DENIED")
+        before = handled(PROBE, "Deny", "PERMISSION_DENIED")
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await unary("Deny")(Text())
         assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert error.value.details() == "handled by the servicer"
-        assert handled("Deny", "PERMISSION_DENIED") == before + 1
+        assert await handled_soon(PROBE, "Deny", "PERMISSION_DENIED", before + 1) == before + 1
 
 
 MALFORMED = b"\x0a\xff"  # field 1, length 255, then nothing: not a protobuf message
@@ -313,11 +309,11 @@ class TestUndecodableRequests:
         assert (info.reason, info.domain) == ("MALFORMED_REQUEST", DOMAIN)
 
     async def test_unary(self, channel: grpc.aio.Channel) -> None:
-        before = handled("Whoami", "INVALID_ARGUMENT")
+        before = handled(PROBE, "Whoami", "INVALID_ARGUMENT")
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await channel.unary_unary(f"/{PROBE}/Whoami")(MALFORMED)
         self.expect_malformed(error.value)
-        assert handled("Whoami", "INVALID_ARGUMENT") == before + 1
+        assert await handled_soon(PROBE, "Whoami", "INVALID_ARGUMENT", before + 1) == before + 1
 
     async def test_server_stream(self, channel: grpc.aio.Channel) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as error:
@@ -357,10 +353,10 @@ class TestRequestId:
 
 class TestMetrics:
     async def test_ok_calls_are_counted(self, unary: Any) -> None:
-        before = handled("Whoami", "OK")
+        before = handled(PROBE, "Whoami", "OK")
         await unary("Whoami")(Text(value="count-me"))
         await unary("Whoami")(Text(value="count-me-too"))
-        assert handled("Whoami", "OK") == before + 2
+        assert handled(PROBE, "Whoami", "OK") == before + 2
         latency = REGISTRY.get_sample_value(
             "grpc_server_handling_seconds_count", {"grpc_service": PROBE, "grpc_method": "Whoami"}
         )
@@ -370,13 +366,13 @@ class TestMetrics:
 
 class TestStreaming:
     async def test_server_stream_yields_every_message(self, server_stream: Any) -> None:
-        before = handled("Count", "OK")
+        before = handled(PROBE, "Count", "OK")
         received = [m.value async for m in server_stream("Count")(Text(value="n"))]
         assert received == ["n-0", "n-1", "n-2"]
-        assert handled("Count", "OK") == before + 1
+        assert handled(PROBE, "Count", "OK") == before + 1
 
     async def test_domain_error_mid_stream_after_the_first_messages(self, server_stream: Any) -> None:
-        before = handled("CountThenFail", "FAILED_PRECONDITION")
+        before = handled(PROBE, "CountThenFail", "FAILED_PRECONDITION")
         received: list[str] = []
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await collect(server_stream("CountThenFail")(Text(value="m")), received)
@@ -385,7 +381,7 @@ class TestStreaming:
         assert error.value.details() == "the channel was deleted"
         info, _ = details(error.value)
         assert (info.reason, info.domain) == ("CHANNEL_DELETED", DOMAIN)
-        assert handled("CountThenFail", "FAILED_PRECONDITION") == before + 1
+        assert await handled_soon(PROBE, "CountThenFail", "FAILED_PRECONDITION", before + 1) == before + 1
 
     async def test_unexpected_error_mid_stream_is_internal(self, server_stream: Any) -> None:
         received: list[str] = []
