@@ -1,6 +1,7 @@
 """What the platform adds to a token stream: Triton straight from tritonclient vs Generate through the service.
 
     python -m bench.inference [--tokens 32] [--rounds 1.0] [--placement shared|split|both]      (make bench)
+                              [--slots 4] [--replicas 1] [--tag NAME]
 
 One run, one machine, one tritonserver (SmolLM2-135M on llama.cpp, 4 slots x 1 thread, gpu/models) and three
 ways to stream the same generation from it, each 1, 4 and 16 streams at a time:
@@ -27,6 +28,11 @@ and the platform take CPU from each other; `split` pins Triton (and so its stub 
 and the server, Envoy and the client to CPU 0, as a deployment puts the model on a GPU node of its own. The
 platform's cost per token and per job is the same in both; what differs is whether it is paid out of the model's
 CPU. The CPUs each process was allowed are recorded with the figures.
+
+`--replicas N` runs N inference server processes behind Envoy's one cluster (`devstack.Stack(replicas=...)`):
+`via_envoy` calls are spread over them, `service_direct` calls the first, and the server's CPU and histograms
+are summed over all of them. It is for a machine with cores to spare (on the 2-core machine the platform has one
+core in `split`, which more processes cannot widen).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import statistics
 import time
 import urllib.parse
 from collections import defaultdict
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -274,22 +280,24 @@ class Processes:
     the inference server, Envoy, Triton with its model stub, and PostgreSQL and Redis when they listen on TCP
     here (they serve other clients too: their figures hold only on an otherwise idle machine)."""
 
-    def __init__(self, pids: Mapping[str, int]) -> None:
-        self.pids = dict(pids)
-        self._procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+    def __init__(self, pids: Mapping[str, int | Sequence[int]]) -> None:
+        """`pids`: a process, or several (a service's replicas, summed), by name."""
+        self.pids = {name: [pid] if isinstance(pid, int) else list(pid) for name, pid in pids.items()}
+        self._procs = {name: [psutil.Process(pid) for pid in roots] for name, roots in self.pids.items()}
 
     def cpu_s(self) -> dict[str, float]:
         totals = {}
-        for name, root in self._procs.items():
+        for name, roots in self._procs.items():
             total = 0.0
-            for member in [root, *root.children(recursive=True)]:
-                try:
-                    times = member.cpu_times()
-                except psutil.NoSuchProcess:
-                    continue
-                total += times.user + times.system
-                if member is root:
-                    total += times.children_user + times.children_system
+            for root in roots:
+                for member in [root, *root.children(recursive=True)]:
+                    try:
+                        times = member.cpu_times()
+                    except psutil.NoSuchProcess:
+                        continue
+                    total += times.user + times.system
+                    if member is root:
+                        total += times.children_user + times.children_system
             totals[name] = total
         return totals
 
@@ -371,10 +379,12 @@ class Rig:
         request: pb.GenerateRequest,
         placement: Placement,
         slots: int = LLAMA_SLOTS,
+        replicas: int = 1,
     ) -> None:
         self._work = work
         self.placement = placement
         self.slots = slots
+        self.replicas = replicas
         self._env = env
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._request = request
@@ -411,12 +421,12 @@ class Rig:
             "REDIS_KEY_PREFIX": f"far-bench-{secrets.token_hex(4)}:",
             "INFERENCE_STATIC_NODES": f"{CHAT_MODEL}=bench@{self.triton.grpc_url}",
         }
-        self.stack = Stack(["inference"], env=env, run_dir=run / "stack").start()
+        self.stack = Stack(["inference"], env=env, run_dir=run / "stack", replicas={"inference": self.replicas}).start()
         assert self.stack.envoy_process is not None
         stores = {name: _listener_pid(self._env[variable]) for name, variable in STORES.items()}
         self.processes = Processes(
             {
-                "inference": self.stack.servers["inference"].process.pid,
+                "inference": [info.process.pid for info in self.stack.replicas["inference"]],
                 "envoy": self.stack.envoy_process.pid,
                 "triton": self.triton.pid,
                 **{name: pid for name, pid in stores.items() if pid is not None},
@@ -454,8 +464,8 @@ class Rig:
         assert self.processes is not None
         assert self.triton is not None
         assert self.stack is not None
-        metrics = self.stack.metrics_url("inference")
-        assert metrics is not None
+        metrics = [self.stack.metrics_url("inference", replica) for replica in range(self.replicas)]
+        assert None not in metrics
         before = _server_figures(metrics)
         try:
             await asyncio.wait_for(_round(self.paths[path], concurrency, self.processes, tally), ROUND_TIMEOUT_S)
@@ -471,15 +481,18 @@ class Rig:
             raise
 
 
-def _server_figures(metrics_url: str) -> dict[str, float]:
-    """Sums and counts of the server's SERVER_FIGURES histograms (read between rounds, so not on the clock)."""
-    text = httpx.get(metrics_url, timeout=10).text
-    found: dict[str, float] = {}
-    for name in SERVER_FIGURES:
-        for kind in ("sum", "count"):
-            pattern = rf"^far_inference_{name}_seconds_{kind}\{{[^}}]*\}} (\S+)$"
-            match = re.search(pattern, text, re.MULTILINE)
-            found[f"{name}_{kind}"] = float(match.group(1)) if match else 0.0
+def _server_figures(metrics_urls: Sequence[str | None]) -> dict[str, float]:
+    """Sums and counts of the SERVER_FIGURES histograms over the server's replicas (read between rounds, so not
+    on the clock)."""
+    found = {f"{name}_{kind}": 0.0 for name in SERVER_FIGURES for kind in ("sum", "count")}
+    for url in metrics_urls:
+        assert url is not None
+        text = httpx.get(url, timeout=10).text
+        for name in SERVER_FIGURES:
+            for kind in ("sum", "count"):
+                pattern = rf"^far_inference_{name}_seconds_{kind}\{{[^}}]*\}} (\S+)$"
+                match = re.search(pattern, text, re.MULTILINE)
+                found[f"{name}_{kind}"] += float(match.group(1)) if match else 0.0
     return found
 
 
@@ -606,9 +619,9 @@ def _affinities(rig: Rig) -> dict[str, list[int]]:
     assert rig.processes is not None
     assert rig.triton is not None
     found: dict[str, list[int]] = {}
-    for name, pid in rig.processes.pids.items():
-        with contextlib.suppress(psutil.Error):
-            found[name] = sorted(psutil.Process(pid).cpu_affinity() or [])
+    for name, pids in rig.processes.pids.items():
+        with contextlib.suppress(psutil.Error):  # a service's replicas: the CPUs any of them may use
+            found[name] = sorted({cpu for pid in pids for cpu in psutil.Process(pid).cpu_affinity() or []})
     with contextlib.suppress(psutil.Error):
         for child in psutil.Process(rig.triton.pid).children(recursive=True):
             found[f"triton child {child.name()}"] = sorted(child.cpu_affinity() or [])
@@ -626,6 +639,9 @@ def _write_results(measured: list[Measured], machine: dict[str, str], tag: str =
     headline = _headline(measured)
     results_json, begin, end = _outputs(tag)
     slots = headline.context["llama_slots"]
+    replicas = headline.context.get("inference_replicas", 1)
+    servers = "one inference server process" if replicas == 1 else f"{replicas} inference server processes"
+    replicas_flag = "" if replicas == 1 else f" --replicas {replicas}"
     results_json.parent.mkdir(parents=True, exist_ok=True)
     results_json.write_text(
         json.dumps(
@@ -650,13 +666,17 @@ def _write_results(measured: list[Measured], machine: dict[str, str], tag: str =
     )
     sections = "\n\n".join(_placement_section(m) for m in measured)
     placement = "" if len(measured) > 1 else f" --placement {measured[0].placement.name}"
-    title = "" if not tag else f", {slots} slots (`python -m bench.inference{placement} --slots {slots} --tag {tag}`)"
+    title = (
+        ""
+        if not tag
+        else f", {slots} slots (`python -m bench.inference{placement} --slots {slots}{replicas_flag} --tag {tag}`)"
+    )
     section = f"""{begin}
 ## Inference: Triton direct vs Generate through the platform (`make bench`, `bench/inference.py`){title}
 
 Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine["cpu"]}, {machine["cores"]} cores, {machine["memory"]};
 Python {machine["python"]}, Envoy {machine["envoy"]}. One tritonserver (SmolLM2-135M Q4_1 on llama.cpp,
-{slots} slots x 1 thread, CPU), one inference server process, Envoy with 2 workers; every figure is
+{slots} slots x 1 thread, CPU), {servers}, Envoy with 2 workers; every figure is
 Triton direct against the platform on the same Triton in the same run. {headline.context["max_tokens"]} tokens
 per stream, temperature 0, seed {SEED}, one chat prompt; the model is free in the bench's catalog, so no payment
 is verified. Streams per row = rounds x concurrency; paths take turns in every round, each round in the next
@@ -737,6 +757,12 @@ def main() -> int:
     )
     parser.add_argument("--slots", type=int, default=LLAMA_SLOTS, help="the model's concurrent generations")
     parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="inference server processes behind Envoy (service_direct calls the first), for machines with spare cores",
+    )
+    parser.add_argument(
         "--tag", default="", help="a variant's name: figures go to inference-<tag>.json and a section of their own"
     )
     args = parser.parse_args()
@@ -766,13 +792,14 @@ def main() -> int:
                 INFERENCE_MAX_JOBS_PER_ACCOUNT=str(4 * max(ROUNDS)),
             )
             token = TokenIssuer(JwtKeys("k1", {"k1": JWT_SECRET})).issue(ACCOUNT, ["user"], ttl_s=3600)
-            rig = Rig(run.work, env, token, _generate_request(args.tokens), placement, args.slots)
+            rig = Rig(run.work, env, token, _generate_request(args.tokens), placement, args.slots, args.replicas)
             run_migrations(["inference"], env, log_path=run.work / "migrations.log")
             cases, texts, crashes, affinity = asyncio.run(_measure(rig, args))
         context = {
             "max_tokens": args.tokens,
             "rounds": {str(c): max(1, round(r * args.rounds)) for c, r in ROUNDS.items()},
             "llama_slots": args.slots,
+            "inference_replicas": args.replicas,
             "load_average": {"start": load_start, "end": os.getloadavg()[0]},
             "same_text_on_every_path": len({text for found in texts.values() for text in found}) == 1,
             "triton_crashes": crashes,

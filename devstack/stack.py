@@ -111,6 +111,9 @@ class Stack:
     `envoy_web_port` / `envoy_admin_port` / `envoy_partner_port`. `commands` replaces `python -m
     servers.<name>` for a service (a stand-in server in a test). `metrics=False` leaves METRICS_LISTEN
     empty. `mtls=False` runs plaintext servers and no partner listener, as before mTLS.
+
+    `replicas` runs several processes of a service (free ports only): Envoy's cluster for the service lists
+    them all and spreads calls over them; `servers[name]` is the first, `replicas[name]` all of them.
     """
 
     def __init__(
@@ -135,10 +138,17 @@ class Stack:
         start_timeout: float = 60.0,
         stop_timeout: float = 15.0,
         progress: Progress | None = None,
+        replicas: Mapping[str, int] | None = None,
     ) -> None:
         self.services = [catalog.get(name) for name in services]
         if len({s.name for s in self.services}) != len(self.services):
             raise ValueError(f"a service is listed twice: {list(services)}")
+        self.replica_counts = {s.name: (replicas or {}).get(s.name, 1) for s in self.services}
+        for name, count in self.replica_counts.items():
+            if count < 1:
+                raise ValueError(f"{name}: replicas must be at least 1, not {count}")
+            if count > 1 and ((grpc_ports or {}).get(name) or (metrics_ports or {}).get(name)):
+                raise ValueError(f"{name}: several replicas cannot share a fixed port")
         self.env = dict(env or {})
         self.run_dir = Path(run_dir).resolve()
         self.envoy_enabled = envoy
@@ -159,6 +169,7 @@ class Stack:
         self.stop_timeout = stop_timeout
         self.progress = progress or _quiet
         self.servers: dict[str, ServerInfo] = {}
+        self.replicas: dict[str, list[ServerInfo]] = {}
         self.envoy_process: ManagedProcess | None = None
         self.envoy_web_port: int | None = None
         self.envoy_admin_port: int | None = None
@@ -175,15 +186,15 @@ class Stack:
     def envoy_config_path(self) -> Path:
         return self.run_dir / "envoy.json"
 
-    def _ready_file(self, service: Service) -> Path:
-        return self.run_dir / "ready" / f"{service.name}.json"
+    def _ready_file(self, service: Service, replica: int = 0) -> Path:
+        return self.run_dir / "ready" / f"{_replica_name(service.name, replica)}.json"
 
-    def grpc_target(self, service: str) -> str:
-        """`127.0.0.1:PORT` of the service's own gRPC server (not through Envoy)."""
-        return f"{self._connect_host(self.host)}:{self._server(service).grpc_port}"
+    def grpc_target(self, service: str, replica: int = 0) -> str:
+        """`127.0.0.1:PORT` of the service's own gRPC server (not through Envoy); its `replica`-th process."""
+        return f"{self._connect_host(self.host)}:{self._server(service, replica).grpc_port}"
 
-    def metrics_url(self, service: str) -> str | None:
-        port = self._server(service).metrics_port
+    def metrics_url(self, service: str, replica: int = 0) -> str | None:
+        port = self._server(service, replica).metrics_port
         return f"http://{self._connect_host(self.host)}:{port}/metrics" if port else None
 
     @property
@@ -214,11 +225,13 @@ class Stack:
     def envoy_admin_url(self) -> str:
         return f"http://{envoy_config.ADMIN_HOST}:{self._require(self.envoy_admin_port)}"
 
-    def _server(self, name: str) -> ServerInfo:
+    def _server(self, name: str, replica: int = 0) -> ServerInfo:
         try:
-            return self.servers[name]
+            return self.replicas[name][replica]
         except KeyError:
             raise KeyError(f"{name} is not running in this stack (running: {', '.join(self.servers)})") from None
+        except IndexError:
+            raise IndexError(f"{name} runs {len(self.replicas[name])} replica(s), not {replica + 1}") from None
 
     def _require(self, port: int | None) -> int:
         if port is None:
@@ -260,7 +273,7 @@ class Stack:
 
     def stop(self) -> None:
         """Stop servers (together), then Envoy. Safe to call twice."""
-        servers = [info.process for info in self.servers.values()]
+        servers = [info.process for infos in self.replicas.values() for info in infos]
         servers += [p for p in self._processes if p not in servers and p is not self.envoy_process]
         stop_all(servers, timeout=self.stop_timeout)
         if self.envoy_process is not None:
@@ -297,7 +310,7 @@ class Stack:
             raise RuntimeError(f"{service.name} has no server yet (no module servers.{service.name}.__main__)")
         return [sys.executable, "-m", service.module]
 
-    def _server_env(self, service: Service) -> dict[str, str]:
+    def _server_env(self, service: Service, replica: int = 0) -> dict[str, str]:
         grpc_port = self.grpc_ports.get(service.name, 0)
         metrics_listen = f"{self.host}:{self.metrics_ports.get(service.name, 0)}" if self.metrics else ""
         env = python_env({**os.environ, **self.env})
@@ -307,7 +320,7 @@ class Stack:
             SERVICE_NAME=service.name,
             GRPC_LISTEN=f"{self.host}:{grpc_port}",
             METRICS_LISTEN=metrics_listen,
-            READY_FILE=str(self._ready_file(service)),
+            READY_FILE=str(self._ready_file(service, replica)),
         )
         if self.pki is not None:
             files = self.pki.service(service.name)
@@ -347,27 +360,29 @@ class Stack:
             self._start_wave(wave)
 
     def _start_wave(self, wave: Sequence[Service]) -> None:
-        starting: list[tuple[Service, ManagedProcess]] = []
+        starting: list[tuple[Service, int, ManagedProcess]] = []
         for service in wave:
-            ready = self._ready_file(service)
-            ready.parent.mkdir(parents=True, exist_ok=True)
-            ready.unlink(missing_ok=True)
-            proc = ManagedProcess(
-                service.name,
-                self._server_argv(service),
-                log_path=self.log_dir / f"{service.name}.log",
-                env={**self._server_env(service), **self._linked_env(service)},
-                cwd=catalog.ROOT,
-            ).start()
-            self._processes.append(proc)
-            starting.append((service, proc))
-            self.progress(f"{service.name}: started (pid {proc.pid}), log {proc.log_path}")
-        for service, proc in starting:
-            ready_path = self._ready_file(service)
+            for replica in range(self.replica_counts[service.name]):
+                name = _replica_name(service.name, replica)
+                ready = self._ready_file(service, replica)
+                ready.parent.mkdir(parents=True, exist_ok=True)
+                ready.unlink(missing_ok=True)
+                proc = ManagedProcess(
+                    name,
+                    self._server_argv(service),
+                    log_path=self.log_dir / f"{name}.log",
+                    env={**self._server_env(service, replica), **self._linked_env(service)},
+                    cwd=catalog.ROOT,
+                ).start()
+                self._processes.append(proc)
+                starting.append((service, replica, proc))
+                self.progress(f"{name}: started (pid {proc.pid}), log {proc.log_path}")
+        for service, replica, proc in starting:
+            ready_path = self._ready_file(service, replica)
             data: dict[str, Any] = wait_until(
                 partial(read_ready_file, ready_path),
                 timeout=self.start_timeout,
-                what=f"{service.name} to serve ({ready_path})",
+                what=f"{proc.name} to serve ({ready_path})",
                 watch=[proc],
             )
             metrics_port = data.get("metrics_port")
@@ -377,8 +392,9 @@ class Stack:
                 grpc_port=int(data["grpc_port"]),
                 metrics_port=int(metrics_port) if metrics_port else None,
             )
-            self.servers[service.name] = info
-            self.progress(f"{service.name}: serving gRPC on {self.host}:{info.grpc_port}")
+            self.replicas.setdefault(service.name, []).append(info)
+            self.servers.setdefault(service.name, info)
+            self.progress(f"{proc.name}: serving gRPC on {self.host}:{info.grpc_port}")
 
     # --- Envoy -------------------------------------------------------------------------------------
 
@@ -389,7 +405,10 @@ class Stack:
         return envoy_config.EdgeTls(self.pki.ca_file, edge.cert, edge.key, envoy_config.partner_ids_from_env(env))
 
     def render_envoy(self, web_port: int, admin_port: int, partner_port: int | None = None) -> dict[str, Any]:
-        upstreams = {name: f"{self._connect_host(self.host)}:{info.grpc_port}" for name, info in self.servers.items()}
+        upstreams = {
+            name: [f"{self._connect_host(self.host)}:{info.grpc_port}" for info in infos]
+            for name, infos in self.replicas.items()
+        }
         env = {**os.environ, **self.env}
         tls = self._edge_tls(env)
         options = envoy_config.EdgeOptions(
@@ -527,12 +546,18 @@ def wait_healthy(stack: Stack, timeout: float = 30.0) -> dict[str, str]:
 
     deadline = time.monotonic() + timeout
     statuses: dict[str, str] = {}
-    for name, info in stack.servers.items():
-        statuses[name] = wait_until(
-            partial(serving, stack.grpc_target(name), info.service.service_name),
-            timeout=max(0.1, deadline - time.monotonic()),
-            what=f"{name} to report SERVING",
-            watch=[info.process],
-            interval=0.2,
-        )
+    for name, infos in stack.replicas.items():
+        for replica, info in enumerate(infos):
+            statuses[name] = wait_until(
+                partial(serving, stack.grpc_target(name, replica), info.service.service_name),
+                timeout=max(0.1, deadline - time.monotonic()),
+                what=f"{info.process.name} to report SERVING",
+                watch=[info.process],
+                interval=0.2,
+            )
     return statuses
+
+
+def _replica_name(service: str, replica: int) -> str:
+    """A replica's name in logs and ready files: the service's for the first, `<service>-<n>` for the others."""
+    return service if replica == 0 else f"{service}-{replica}"

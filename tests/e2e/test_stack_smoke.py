@@ -148,3 +148,42 @@ class TestStackFailures:
             stack.start()
         assert all(not p.alive() for p in stack.processes())
         assert stack.envoy_process is None
+
+    def test_replicas_share_no_fixed_port(self, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match="several replicas cannot share a fixed port"):
+            Stack(["gamed"], run_dir=tmp_path, replicas={"gamed": 2}, grpc_ports={"gamed": 50051})
+
+
+class TestReplicas:
+    def test_envoy_spreads_calls_over_a_services_replicas(
+        self, stack: Stack, stack_env: dict[str, str], tmp_path: Path
+    ) -> None:
+        """`replicas`: several processes of a service behind one Envoy cluster (`stack` ran the migrations)."""
+        with Stack(["gamed"], env=stack_env, run_dir=tmp_path, replicas={"gamed": 2}) as pair:
+            assert len(pair.replicas["gamed"]) == 2
+            assert pair.servers["gamed"] is pair.replicas["gamed"][0]
+            ports = {info.grpc_port for info in pair.replicas["gamed"]}
+            assert len(ports) == 2
+            before = [_handled(pair, replica, "ListGames") for replica in range(2)]
+            with grpc.insecure_channel(pair.envoy_grpc_target) as channel:
+                stub = gamed_service_pb2_grpc.GamedServiceStub(channel)
+                for _ in range(20):
+                    stub.ListGames(gamed_service_pb2.ListGamesRequest(page_size=1), timeout=10)
+            served = [_handled(pair, replica, "ListGames") - before[replica] for replica in range(2)]
+            processes = [info.process for info in pair.replicas["gamed"]]
+            assert (pair.log_dir / "gamed-1.log").exists()
+        assert sum(served) == 20
+        assert min(served) > 0, served  # both replicas served calls
+        assert all(not process.alive() for process in processes)
+
+
+def _handled(stack: Stack, replica: int, method: str) -> float:
+    url = stack.metrics_url("gamed", replica)
+    assert url is not None
+    status, body = http_get(url, timeout=5.0)
+    assert status == 200
+    total = 0.0
+    for line in body.splitlines():
+        if line.startswith("grpc_server_handled_total{") and f'grpc_method="{method}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
