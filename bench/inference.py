@@ -24,15 +24,17 @@ process times over the rounds of each path. tritonserver's Python backend can cr
 are recorded. Figures go to bench/results/inference.json and to the inference section of bench/RESULTS.md.
 
 Placements (both by default, one after the other): `shared` lets every process run on every core, so the model
-and the platform take CPU from each other; `split` pins Triton (and so its stub and llama.cpp's threads) to CPU 1
-and the server, Envoy and the client to CPU 0, as a deployment puts the model on a GPU node of its own. The
+and the platform take CPU from each other; `split` pins Triton (and so its stub and llama.cpp's threads) to the
+last CPU and the server, Envoy and the client to the others (CPU 1 and CPU 0 on the 2-core machine), as a
+deployment puts the model on a GPU node of its own. The
 platform's cost per token and per job is the same in both; what differs is whether it is paid out of the model's
 CPU. The CPUs each process was allowed are recorded with the figures.
 
 `--replicas N` runs N inference server processes behind Envoy's one cluster (`devstack.Stack(replicas=...)`):
 `via_envoy` calls are spread over them, `service_direct` calls the first, and the server's CPU and histograms
 are summed over all of them. It is for a machine with cores to spare (on the 2-core machine the platform has one
-core in `split`, which more processes cannot widen).
+core in `split`, which more processes cannot widen; on a bigger one `split` gives the platform every CPU but the
+model's).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ import statistics
 import time
 import urllib.parse
 from collections import defaultdict
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,15 +137,27 @@ SHARED = Placement(
     None,
     "Triton, the inference server, Envoy, the client and the stores all share every core",
 )
-SPLIT = Placement(
-    "split",
-    frozenset({1}),
-    frozenset({0}),
-    "Triton (tritonserver, its Python stub and llama.cpp's threads) pinned to CPU 1; the inference server, "
-    "Envoy, the client (and PostgreSQL and Redis when the bench starts them) pinned to CPU 0: the model has "
-    "hardware of its own, as on a GPU node",
-)
-PLACEMENTS = {p.name: p for p in (SHARED, SPLIT)}
+PLACEMENT_NAMES = ("shared", "split")
+
+
+def split_placement(cpus: Iterable[int]) -> Placement:
+    """`split` on these CPUs: the model on the last one, the platform on all the others (on the 2-core machine,
+    CPU 1 and CPU 0; on a bigger one the platform's side has room for `--replicas`)."""
+    ordered = sorted(cpus)
+    if len(ordered) < 2:
+        raise SystemExit("bench: the split placement needs two CPUs at least")
+    model, platform = ordered[-1], ordered[:-1]
+    where = f"CPU {platform[0]}" if len(platform) == 1 else f"CPUs {platform[0]}-{platform[-1]}"
+    if len(platform) > 1 and platform != list(range(platform[0], platform[-1] + 1)):
+        where = "CPUs " + ", ".join(map(str, platform))
+    return Placement(
+        "split",
+        frozenset({model}),
+        frozenset(platform),
+        f"Triton (tritonserver, its Python stub and llama.cpp's threads) pinned to CPU {model}; the inference "
+        f"server, Envoy, the client (and PostgreSQL and Redis when the bench starts them) pinned to {where}: the "
+        "model has hardware of its own, as on a GPU node",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -751,9 +765,10 @@ def main() -> int:
     parser.add_argument("--max-restarts", type=int, default=10, help="Triton crashes tolerated (each round is redone)")
     parser.add_argument(
         "--placement",
-        choices=(*PLACEMENTS, "both"),
+        choices=(*PLACEMENT_NAMES, "both"),
         default="both",
-        help="shared: every process on every core; split: the model on CPU 1, the platform on CPU 0 (default both)",
+        help="shared: every process on every core; split: the model on the last CPU, the platform on the others "
+        "(CPU 1 and CPU 0 on 2 cores; default both)",
     )
     parser.add_argument("--slots", type=int, default=LLAMA_SLOTS, help="the model's concurrent generations")
     parser.add_argument(
@@ -766,10 +781,9 @@ def main() -> int:
         "--tag", default="", help="a variant's name: figures go to inference-<tag>.json and a section of their own"
     )
     args = parser.parse_args()
-    placements = list(PLACEMENTS.values()) if args.placement == "both" else [PLACEMENTS[args.placement]]
     every_cpu = os.sched_getaffinity(0)
-    if any(p.model_cpus is not None for p in placements) and not {0, 1} <= every_cpu:
-        raise SystemExit("bench: the split placement needs CPUs 0 and 1")
+    names = PLACEMENT_NAMES if args.placement == "both" else (args.placement,)
+    placements = [SHARED if name == "shared" else split_placement(every_cpu) for name in names]
 
     code = code_state("servers/inference", "gpu/models")
     measured: list[Measured] = []
