@@ -147,8 +147,11 @@ def split_placement(cpus: Iterable[int]) -> Placement:
     if len(ordered) < 2:
         raise SystemExit("bench: the split placement needs two CPUs at least")
     model, platform = ordered[-1], ordered[:-1]
-    where = f"CPU {platform[0]}" if len(platform) == 1 else f"CPUs {platform[0]}-{platform[-1]}"
-    if len(platform) > 1 and platform != list(range(platform[0], platform[-1] + 1)):
+    if len(platform) == 1:
+        where = f"CPU {platform[0]}"
+    elif platform == list(range(platform[0], platform[-1] + 1)):
+        where = f"CPUs {platform[0]}-{platform[-1]}"
+    else:
         where = "CPUs " + ", ".join(map(str, platform))
     return Placement(
         "split",
@@ -479,7 +482,6 @@ class Rig:
         assert self.triton is not None
         assert self.stack is not None
         metrics = [self.stack.metrics_url("inference", replica) for replica in range(self.replicas)]
-        assert None not in metrics
         before = _server_figures(metrics)
         try:
             await asyncio.wait_for(_round(self.paths[path], concurrency, self.processes, tally), ROUND_TIMEOUT_S)

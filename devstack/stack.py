@@ -168,7 +168,6 @@ class Stack:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.progress = progress or _quiet
-        self.servers: dict[str, ServerInfo] = {}
         self.replicas: dict[str, list[ServerInfo]] = {}
         self.envoy_process: ManagedProcess | None = None
         self.envoy_web_port: int | None = None
@@ -177,6 +176,11 @@ class Stack:
         self._processes: list[ManagedProcess] = []
 
     # --- paths and addresses ---------------------------------------------------------------------
+
+    @property
+    def servers(self) -> dict[str, ServerInfo]:
+        """Each running service's first replica (its only one, unless `replicas` said otherwise)."""
+        return {name: infos[0] for name, infos in self.replicas.items()}
 
     @property
     def log_dir(self) -> Path:
@@ -393,7 +397,6 @@ class Stack:
                 metrics_port=int(metrics_port) if metrics_port else None,
             )
             self.replicas.setdefault(service.name, []).append(info)
-            self.servers.setdefault(service.name, info)
             self.progress(f"{proc.name}: serving gRPC on {self.host}:{info.grpc_port}")
 
     # --- Envoy -------------------------------------------------------------------------------------
