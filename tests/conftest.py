@@ -26,6 +26,7 @@ from servers.common.migrations import migrations_dir, upgrade
 RUN_ID = secrets.token_hex(4)
 SERVICES = ("auth", "inference", "realtime", "gaming", "desci", "gamed", "gpu", "staking", "ingest")
 TEST_JWT_SECRET = "far-test-secret-" + "0123456789abcdef" * 2
+pytest_plugins = ["tests.watchdog"]  # a test hung in native code ends the run with every thread's stack
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,50 @@
+"""The run's watchdog (tests/watchdog.py): a test hung past its limit ends the run with every thread's stack."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.watchdog import LIMIT_ENV
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_pytest(tmp_path: Path, source: str, limit_s: float) -> subprocess.CompletedProcess[str]:
+    """pytest on a module of `source` with only the watchdog loaded, pytest-timeout off, its limit `limit_s`."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "test_sample.py").write_text(source)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), LIMIT_ENV: str(limit_s)}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "tests.watchdog", "-p", "no:cacheprovider", "--timeout=0", "-q"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_hung_test_ends_the_run_with_the_stacks(tmp_path: Path) -> None:
+    result = run_pytest(
+        tmp_path,
+        "import time\n\ndef test_stuck():\n    time.sleep(30)\n",
+        limit_s=1,
+    )
+    assert result.returncode == 1
+    assert "Timeout (0:00:01)!" in result.stderr
+    assert 'test_sample.py", line 4 in test_stuck' in result.stderr
+
+
+def test_each_test_gets_the_whole_limit(tmp_path: Path) -> None:
+    """Three tests of 0.8 s under a 1.5 s limit: the run outlasts the limit, no test does."""
+    result = run_pytest(
+        tmp_path,
+        "import time\n\n" + "".join(f"def test_{n}():\n    time.sleep(0.8)\n\n" for n in range(3)),
+        limit_s=1.5,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
+    assert "Timeout" not in result.stderr
