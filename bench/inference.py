@@ -484,7 +484,8 @@ class Rig:
         metrics = [self.stack.metrics_url("inference", replica) for replica in range(self.replicas)]
         before = _server_figures(metrics)
         try:
-            await asyncio.wait_for(_round(self.paths[path], concurrency, self.processes, tally), ROUND_TIMEOUT_S)
+            async with asyncio.timeout(ROUND_TIMEOUT_S):
+                await _round(self.paths[path], concurrency, self.processes, tally)
             for name, value in _server_figures(metrics).items():
                 tally.server[name] += value - before[name]
         except TimeoutError as error:

@@ -122,7 +122,8 @@ class NodeAgent:
     @staticmethod
     async def _wait(stopping: asyncio.Event, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await stopping.wait()
 
 
 def declared_node(

@@ -111,7 +111,8 @@ class TelemetrySession:
             if not reader.done():
                 # Stopping: the writer half-closes; the service answers CLIENT_CLOSED and ends the stream.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(reader), CLOSE_TIMEOUT_S)
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                        await asyncio.shield(reader)
         finally:
             for task in (stop, writer, reader):
                 task.cancel()

@@ -45,7 +45,8 @@ class ControlHub:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="gpu-control")
-        await asyncio.wait_for(self._subscribed.wait(), timeout=10)
+        async with asyncio.timeout(10):
+            await self._subscribed.wait()
 
     async def stop(self) -> None:
         self.shutdown_streams()
@@ -66,7 +67,8 @@ class ControlHub:
         Returns whether every stream ended in time."""
         self.shutdown_streams()
         try:
-            await asyncio.wait_for(self._no_streams.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._no_streams.wait()
         except TimeoutError:
             return False
         return True

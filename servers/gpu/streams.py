@@ -75,7 +75,8 @@ class TelemetryStreams:
         node_id = node_name.removeprefix("nodes/")
         idle_s = 3 * self._interval_s
         try:
-            first = await asyncio.wait_for(anext(requests), timeout=idle_s)
+            async with asyncio.timeout(idle_s):
+                first = await anext(requests)
         except StopAsyncIteration:
             yield closed(Closed.REASON_CLIENT_CLOSED)
             return
@@ -103,7 +104,8 @@ class TelemetryStreams:
             while True:
                 if pending is None:
                     try:
-                        pending = await asyncio.wait_for(queue.get(), timeout=max(0.0, idle_at - loop.time()))
+                        async with asyncio.timeout_at(idle_at):
+                            pending = await queue.get()
                     except TimeoutError:
                         yield closed(Closed.REASON_IDLE, f"no report for {idle_s:g} seconds")
                         return

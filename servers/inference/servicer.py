@@ -210,7 +210,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 if not created:  # a concurrent retry with the same request id made it: nothing was written
                     return convert.job(row), False, row
                 try:
-                    await asyncio.wait_for(asyncio.shield(accepted), self._p.accept_in_transaction_s)
+                    async with asyncio.timeout(self._p.accept_in_transaction_s):
+                        await asyncio.shield(accepted)
                 except TimeoutError:
                     raise _SlowAccept from None
                 ticket = await self._p.admission.admit(model.served_as, job_id, principal.subject, queued=False)
@@ -485,9 +486,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         if row.state == job_pb2.Job.STATE_CANCELLED:
             return convert.job(row)
         ended_here = await self._cancel(row.id, "JOB_CANCELLED")
-        if ended_here is not None:  # it ran here: its ending is written when the task is done
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(asyncio.shield(ended_here), 5.0)
+        if ended_here is not None:  # it ran here: its ending is written when the task is done (at most 5 s)
+            await asyncio.wait({ended_here}, timeout=5.0)
         for _ in range(500):  # elsewhere: the replica running it ends it within about a token
             async with self._p.database.read() as uow:
                 row = await repository.get_job(uow.session, row.id)

@@ -400,4 +400,5 @@ class TestProcess:
             assert paid.log.tx_hash == receipt["transactionHash"].to_0x_hex()
         finally:
             process.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+            async with asyncio.timeout(15):
+                assert await process.wait() == 0

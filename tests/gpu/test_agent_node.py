@@ -345,7 +345,8 @@ class TestDrainInFlight:
             assert later.state == State.STATE_DRAINING  # the report still shows the generation: no DRAINED yet
             assert agent.name not in await offered()
             assert not any(r.final for r in responses)  # all of that while it generated
-            await asyncio.wait_for(generation, timeout=120)
+            async with asyncio.timeout(120):
+                await generation
         finally:
             generation.cancel()
             await client.close()

@@ -112,7 +112,8 @@ async def test_cancelling_the_task_cancels_the_triton_request(triton: TritonProc
     task = asyncio.create_task(
         execute(await directory_of(real(triton)), clients, CHAT_MODEL, long, job_id="jcancel", on_piece=on_piece)
     )
-    await asyncio.wait_for(first.wait(), 60)
+    async with asyncio.timeout(60):
+        await first.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

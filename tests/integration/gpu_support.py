@@ -281,7 +281,8 @@ class AgentStream:
         self._outgoing.put_nowait(None)
 
     async def next(self, within_s: float = 10.0) -> gpu_service_pb2.NodeInstruction:
-        message = await asyncio.wait_for(self._call.read(), within_s)
+        async with asyncio.timeout(within_s):
+            message = await self._call.read()
         assert message is not grpc.aio.EOF, "the stream ended"
         assert isinstance(message, gpu_service_pb2.NodeInstruction)
         return message
@@ -298,7 +299,8 @@ class AgentStream:
     async def closed(self, within_s: float = 10.0) -> gpu_service_pb2.StreamClosed:
         """The `closed` message (skipping others), after which the call ends with OK."""
         message = await self.next_of("closed", within_s)
-        assert await asyncio.wait_for(self._call.read(), within_s) is grpc.aio.EOF
+        async with asyncio.timeout(within_s):
+            assert await self._call.read() is grpc.aio.EOF
         assert await self._call.code() == grpc.StatusCode.OK
         return message.closed
 

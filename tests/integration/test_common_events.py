@@ -108,14 +108,16 @@ class TestConsumerGroups:
 
     async def test_block_ms_zero_does_not_block(self, bus: EventBus, topic: str) -> None:
         await bus.ensure_group(topic, "g")
-        assert await asyncio.wait_for(bus.read_group([topic], "g", "c1", block_ms=0), timeout=2) == []
+        async with asyncio.timeout(2):
+            assert await bus.read_group([topic], "g", "c1", block_ms=0) == []
 
     async def test_read_group_wakes_up_for_a_new_event(self, bus: EventBus, topic: str) -> None:
         await bus.ensure_group(topic, "g", start="$")
         reader = asyncio.create_task(bus.read_group([topic], "g", "c1", block_ms=5000))
         await asyncio.sleep(0.05)
         await bus.publish(topic, Text(value="wake"))
-        assert texts(await asyncio.wait_for(reader, timeout=3)) == ["wake"]
+        async with asyncio.timeout(3):
+            assert texts(await reader) == ["wake"]
 
 
 class TestAckAndClaim:

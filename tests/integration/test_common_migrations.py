@@ -83,7 +83,8 @@ class TestUpgrade:
             )
             for _ in range(2)
         ]
-        results = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in processes)), timeout=60)
+        async with asyncio.timeout(60):
+            results = await asyncio.gather(*(p.communicate() for p in processes))
         for process, (stdout, stderr) in zip(processes, results, strict=True):
             assert process.returncode == 0, stderr.decode()
             assert stdout.decode() == "migrations: gamed: at head\n"

@@ -155,7 +155,8 @@ class TestStuckShutdownSteps:
         monkeypatch.setattr(server_module, "SHUTDOWN_STEP_S", 0.2)
         steps = StuckSteps()
         running = await start_server(steps.spec(), probe_settings(jwt_secret))
-        await asyncio.wait_for(running.stop(), 5 + 3 * 0.2 + 2)  # grace + the bounded steps + slack
+        async with asyncio.timeout(5 + 3 * 0.2 + 2):  # grace + the bounded steps + slack
+            await running.stop()
         assert steps.cancelled == ["hook", "closer"]
         assert steps.closed_after_stuck
 

@@ -78,7 +78,8 @@ async def test_a_follower_waits_for_a_job_that_has_not_started(streams: TokenStr
     for delta in DELTAS:
         writer.push(delta)
     await writer.close(b"done")
-    assert await asyncio.wait_for(follower, 5) == [*DELTAS, End(b"done")]
+    async with asyncio.timeout(5):
+        assert await follower == [*DELTAS, End(b"done")]
 
 
 async def test_idle_followers_get_ticks(streams: TokenStreams) -> None:
@@ -101,7 +102,8 @@ async def test_writer_keeps_order_across_batches_and_many_followers_see_the_same
         if index % 37 == 0:
             await asyncio.sleep(0)  # let the writer flush partial batches
     await writer.close(b"end")
-    first, second, late = await asyncio.wait_for(asyncio.gather(*followers), 10)
+    async with asyncio.timeout(10):
+        first, second, late = await asyncio.gather(*followers)
     assert first == second == [*deltas, End(b"end")]
     assert late == [*deltas[150:], End(b"end")]
     assert "".join(d.text for d in first if isinstance(d, Delta)) == "".join(f"t{i} " for i in range(300))
