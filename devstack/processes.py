@@ -173,7 +173,8 @@ def stop_all(processes: Iterable[ManagedProcess], timeout: float = 15.0) -> dict
 
 
 @atexit.register
-def _stop_leftovers() -> None:
+def stop_leftovers() -> None:
+    """Stop every process started here that is still running (at exit, or when a test run must end)."""
     stop_all(list(_REGISTRY), timeout=10.0)
 
 

@@ -18,15 +18,23 @@ from pathlib import Path
 import pytest
 import redis
 
+from devstack import processes
 from servers.common.auth import JwtKeys, TokenIssuer
 from servers.common.db import run_admin_statement, with_database
 from servers.common.embedded import ensure_redis, start_postgres
 from servers.common.migrations import migrations_dir, upgrade
+from tests.watchdog import on_hang
 
 RUN_ID = secrets.token_hex(4)
 SERVICES = ("auth", "inference", "realtime", "gaming", "desci", "gamed", "gpu", "staking", "ingest")
 TEST_JWT_SECRET = "far-test-secret-" + "0123456789abcdef" * 2
 pytest_plugins = ["tests.watchdog"]  # a test hung in native code ends the run with every thread's stack
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_processes_if_a_test_hangs() -> None:
+    """A hung run (tests/watchdog.py) stops the processes devstack started before it exits."""
+    on_hang(processes.stop_leftovers)
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +47,8 @@ def new_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     if not server_url:
         embedded = start_postgres(tmp_path_factory.mktemp("postgres"))
         server_url = embedded.url
+        if embedded.started:
+            on_hang(embedded.stop)
     made: dict[str, str] = {}
 
     def make(suffix: str) -> str:
@@ -79,6 +89,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
         return
     embedded = ensure_redis(tmp_path_factory.mktemp("redis"))
+    if embedded.started:
+        on_hang(embedded.stop)
     try:
         yield embedded.url
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.watchdog import LIMIT_ENV
@@ -27,15 +28,22 @@ def run_pytest(tmp_path: Path, source: str, limit_s: float) -> subprocess.Comple
     )
 
 
-def test_a_hung_test_ends_the_run_with_the_stacks(tmp_path: Path) -> None:
+def test_a_hung_test_ends_the_run_with_the_stacks_after_the_cleanups(tmp_path: Path) -> None:
     result = run_pytest(
         tmp_path,
-        "import time\n\ndef test_stuck():\n    time.sleep(30)\n",
+        "import pathlib, time\n"
+        "from tests.watchdog import on_hang\n\n"
+        "def test_stuck():\n"
+        "    on_hang(lambda: pathlib.Path('first').write_text('ran'))\n"
+        "    on_hang(lambda: 1 / 0)  # a failing cleanup does not stop the others\n"
+        "    time.sleep(30)\n",
         limit_s=1,
     )
     assert result.returncode == 1
-    assert "Timeout (0:00:01)!" in result.stderr
-    assert 'test_sample.py", line 4 in test_stuck' in result.stderr
+    assert "watchdog: test_sample.py::test_stuck still running after 1 s" in result.stderr
+    assert 'test_sample.py", line 7 in test_stuck' in result.stderr
+    assert "ZeroDivisionError" in result.stderr
+    assert (tmp_path / "first").read_text() == "ran"
 
 
 def test_each_test_gets_the_whole_limit(tmp_path: Path) -> None:
@@ -47,4 +55,19 @@ def test_each_test_gets_the_whole_limit(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 passed" in result.stdout
-    assert "Timeout" not in result.stderr
+    assert "watchdog" not in result.stderr
+
+
+def test_a_hang_that_holds_the_gil_is_ended_by_the_c_thread(tmp_path: Path) -> None:
+    """libc's sleep called through PyDLL keeps the GIL: the watchdog's thread cannot run, faulthandler's can."""
+    started = time.monotonic()
+    result = run_pytest(
+        tmp_path,
+        "import ctypes\n\ndef test_holds_the_gil():\n    ctypes.PyDLL(None).sleep(30)\n",
+        limit_s=1,
+    )
+    assert result.returncode == 1
+    assert "Timeout (0:00:02)!" in result.stderr  # the limit, then as long again at most
+    assert 'test_sample.py", line 4 in test_holds_the_gil' in result.stderr
+    assert "watchdog:" not in result.stderr
+    assert time.monotonic() - started < 20
