@@ -14,7 +14,8 @@ test, writes every thread's Python stack to the terminal, runs the callbacks giv
 conftest stops the embedded PostgreSQL and Redis and the processes devstack started) and exits the process
 with status 1. That thread needs the GIL; if it cannot get it, `faulthandler`'s C thread writes the stacks
 and exits `BACKSTOP_S` later (at most one limit later). Processes that devstack started from the main
-thread then still get SIGTERM from the kernel (PR_SET_PDEATHSIG); the embedded servers are left running.
+thread then still get SIGTERM from the kernel (PR_SET_PDEATHSIG); those started from other threads (the
+tests' tritonservers, moto) and the embedded servers are left running.
 
 PYTEST_DONT_REWRITE: it has no asserts to rewrite, and tests/conftest.py imports it before pytest loads it.
 """
