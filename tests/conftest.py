@@ -28,7 +28,7 @@ from tests.watchdog import on_hang
 RUN_ID = secrets.token_hex(4)
 SERVICES = ("auth", "inference", "realtime", "gaming", "desci", "gamed", "gpu", "staking", "ingest")
 TEST_JWT_SECRET = "far-test-secret-" + "0123456789abcdef" * 2
-pytest_plugins = ["tests.watchdog"]  # a test hung in native code ends the run with every thread's stack
+pytest_plugins = ["tests.watchdog"]  # a hung test ends the run with every thread's stack
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,12 +11,12 @@ a test_gpu_serving teardown until its 5,400 s limit.
 This plugin watches each test (its setup, call and teardown; for the last test of a session that includes
 the session fixtures' teardown). Past `LIMIT_FACTOR` times the test timeout a thread of its own names the
 test, writes every thread's Python stack to the terminal, runs the callbacks given to `on_hang` in the order
-given (the run's conftest stops the processes devstack started, then the embedded Redis and PostgreSQL) and
-exits the process with status 1. That thread needs the GIL; if it cannot get it, `faulthandler`'s C thread
-writes the stacks and exits `BACKSTOP_S` later (at most one limit later). The limit follows pytest-timeout's
-setting for the test (`@pytest.mark.timeout`, `--timeout`, the ini, `PYTEST_TIMEOUT`); entering pdb turns
-the watchdog off for the rest of the run. Processes that devstack started from the main
-thread then still get SIGTERM from the kernel (PR_SET_PDEATHSIG); those started from other threads (the
+given (the run's conftest stops the processes devstack started, then the embedded servers) and exits the
+process with status 1. That thread needs the GIL; if it cannot get it, `faulthandler`'s C thread writes the
+stacks and exits `BACKSTOP_S` later (at most one limit later). The limit follows pytest-timeout's setting
+for the test (`@pytest.mark.timeout`, `--timeout`, the ini, `PYTEST_TIMEOUT`); entering pdb turns the
+watchdog off for the rest of the run. When the C thread ends the run, processes that devstack started from
+the main thread still get SIGTERM from the kernel (PR_SET_PDEATHSIG); those started from other threads (the
 tests' tritonservers, moto) and the embedded servers are left running.
 
 PYTEST_DONT_REWRITE: it has no asserts to rewrite, and tests/conftest.py imports it before pytest loads it.
@@ -55,11 +55,8 @@ def run_timeout(config: pytest.Config) -> float:
 
 
 def limit_for(item: pytest.Item, run_timeout_s: float) -> float:
-    """The watchdog's limit for `item` in seconds: `LIMIT_ENV` if set, else `LIMIT_FACTOR` x the test's timeout
-    (its `timeout` mark's, else the run's); 0, off, when that timeout is off."""
-    override = os.environ.get(LIMIT_ENV, "").strip()
-    if override:
-        return max(0.0, float(override))
+    """The watchdog's limit for `item` in seconds: `LIMIT_FACTOR` x the test's timeout (its `timeout` mark's,
+    else the run's); 0, off, when that timeout is off."""
     timeout = run_timeout_s
     mark = item.get_closest_marker("timeout")
     if mark is not None:
@@ -86,9 +83,10 @@ class _Armed:
 class Watchdog:
     """One thread that ends the process when the armed test outlives its deadline."""
 
-    def __init__(self, stream: IO[str], run_timeout_s: float) -> None:
+    def __init__(self, stream: IO[str], run_timeout_s: float, limit_s: float | None) -> None:
         self.cleanups: list[Callable[[], object]] = []
         self.run_timeout_s = run_timeout_s
+        self.limit_s = limit_s  # every test's, from `LIMIT_ENV`; None: each test's own (`limit_for`)
         self._stream = stream
         self._lock = threading.Lock()
         self._changed = threading.Event()
@@ -156,11 +154,12 @@ class Watchdog:
 def pytest_configure(config: pytest.Config) -> None:
     global _watchdog
     override = os.environ.get(LIMIT_ENV, "").strip()
-    if config.getoption("usepdb", False) or (override and float(override) <= 0):
+    limit = float(override) if override else None
+    if config.getoption("usepdb", False) or (limit is not None and limit <= 0):
         return
     # The terminal's own descriptor, taken before pytest's capture replaces sys.stderr (as pytest's
     # faulthandler plugin does): faulthandler writes to a file descriptor, not to a Python object.
-    _watchdog = Watchdog(os.fdopen(os.dup(2), "w"), run_timeout(config))
+    _watchdog = Watchdog(os.fdopen(os.dup(2), "w"), run_timeout(config), limit)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -173,14 +172,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
     watchdog = _watchdog
-    limit = limit_for(item, watchdog.run_timeout_s) if watchdog is not None else 0.0
-    if watchdog is not None and limit > 0:
+    if watchdog is None:
+        yield
+        return
+    limit = watchdog.limit_s if watchdog.limit_s is not None else limit_for(item, watchdog.run_timeout_s)
+    if limit > 0:
         watchdog.arm(item.nodeid, limit)
     try:
         yield
     finally:
-        if watchdog is not None:
-            watchdog.disarm()
+        watchdog.disarm()
 
 
 @pytest.hookimpl(trylast=True)
